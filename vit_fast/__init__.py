@@ -1,8 +1,29 @@
-"""vit_fast: a Vision Transformer for PyTorch whose hot paths run on Triton and CUDA C++ kernels."""
+"""vit_fast: a Vision Transformer for PyTorch whose hot paths run on Triton and CUDA C++ kernels.
+
+Public names: :class:`ViTConfig`, :class:`VisionTransformer`, :func:`create_model`, :func:`list_models`,
+:func:`from_timm`, :func:`load_checkpoint`, :func:`set_backend`, :func:`explain` and the ops in :mod:`vit_fast.ops`.
+"""
 
 __version__ = "0.1.0"
 
 from vit_fast import ops  # noqa: E402
-from vit_fast.backends import explain, get_backend, set_backend  # noqa: E402
+from vit_fast.backends import BackendUnavailableError, explain, get_backend, set_backend  # noqa: E402
+from vit_fast.config import ViTConfig, list_models  # noqa: E402
+from vit_fast.model import VisionTransformer, create_model  # noqa: E402
+from vit_fast.weights import from_timm, load_checkpoint, resample_pos_embed  # noqa: E402
 
-__all__ = ["__version__", "ops", "explain", "get_backend", "set_backend"]
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "explain",
+    "from_timm",
+    "get_backend",
+    "list_models",
+    "load_checkpoint",
+    "ops",
+    "resample_pos_embed",
+    "set_backend",
+]
