@@ -73,6 +73,10 @@ _TIMM_BLOCK_UNSUPPORTED = [
 ]
 
 
+def _square_or_pair(v: tuple[int, int]) -> int | tuple[int, int]:
+    return int(v[0]) if v[0] == v[1] else (int(v[0]), int(v[1]))
+
+
 def config_from_timm(timm_model: torch.nn.Module) -> ViTConfig:
     """The :class:`ViTConfig` of a timm ``VisionTransformer`` instance; raises for features vit_fast lacks."""
     m = timm_model
@@ -100,8 +104,8 @@ def config_from_timm(timm_model: torch.nn.Module) -> ViTConfig:
     norm = m.fc_norm if has_fc_norm else m.norm
     proj = m.patch_embed.proj
     return ViTConfig(
-        img_size=tuple(m.patch_embed.img_size),
-        patch_size=tuple(m.patch_embed.patch_size),
+        img_size=_square_or_pair(m.patch_embed.img_size),
+        patch_size=_square_or_pair(m.patch_embed.patch_size),
         in_chans=proj.in_channels,
         num_classes=m.num_classes,
         global_pool=pool,

@@ -1,0 +1,105 @@
+"""The one dispatch point: choosing, overriding, explaining, and refusing loudly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vit_fast
+from vit_fast import backends, ops
+from vit_fast.backends import BackendUnavailableError
+
+
+def _qkv(dtype=torch.float32):
+    return [torch.randn(1, 2, 5, 16, dtype=dtype) for _ in range(3)]
+
+
+def test_default_is_auto_and_set_backend_works_globally_and_as_context_manager():
+    assert vit_fast.get_backend() == "auto"
+    vit_fast.set_backend("reference")
+    assert vit_fast.get_backend() == "reference"
+    with vit_fast.set_backend("triton"):
+        assert vit_fast.get_backend() == "triton"
+        with vit_fast.set_backend("cuda"):
+            assert vit_fast.get_backend() == "cuda"
+        assert vit_fast.get_backend() == "triton"
+    assert vit_fast.get_backend() == "reference"
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="auto, reference, triton, cuda"):
+        vit_fast.set_backend("cudnn")
+
+
+def test_environment_variable_sets_the_backend():
+    code = "import vit_fast; print(vit_fast.get_backend())"
+    env = {**os.environ, "VIT_FAST_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["VIT_FAST_BACKEND"] = "bogus"
+    code = "import vit_fast, torch; vit_fast.ops.layer_norm(torch.ones(2, 3), torch.ones(3), torch.zeros(3))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "VIT_FAST_BACKEND must be one of" in out.stderr
+
+
+def test_cuda_chosen_explicitly_on_cpu_raises_with_every_reason():
+    q, k, v = _qkv()
+    with vit_fast.set_backend("cuda"), pytest.raises(BackendUnavailableError) as err:
+        ops.attention(q, k, v)
+    msg = str(err.value)
+    assert "backend 'cuda' cannot run attention" in msg
+    assert "device cpu not supported" in msg
+    if "cuda" in backends._UNAVAILABLE:
+        assert "vit_fast._C" in msg
+
+
+def test_float64_with_triton_chosen_explicitly_raises_and_auto_falls_back():
+    q, k, v = _qkv(torch.float64)
+    with vit_fast.set_backend("triton"), pytest.raises(BackendUnavailableError, match="dtype float64 not supported"):
+        ops.attention(q, k, v)
+    out = ops.attention(q, k, v)  # auto: the reference
+    torch.testing.assert_close(out, ops.attention_ref(q, k, v))
+
+
+def test_auto_picks_the_reference_on_cpu():
+    q, k, v = _qkv()
+    assert backends.select("attention", q, k, v, scale=None, dropout_p=0.0) is backends._OPS["attention"].impls[
+        "reference"].fn
+
+
+def test_explain_covers_every_op_and_backend():
+    ex = vit_fast.explain("cpu", torch.float32)
+    assert {(r["op"], r["backend"]) for r in ex.rows} == {(o, b) for o in backends.OPS for b in backends.BACKENDS}
+    assert ex.picked == {op: "reference" for op in backends.OPS}
+    assert all(r["available"] for r in ex.rows if r["backend"] == "reference")
+    cuda_rows = [r for r in ex.rows if r["backend"] == "cuda"]
+    assert all(not r["available"] and r["reasons"] for r in cuda_rows)
+    text = str(ex)
+    for op in backends.OPS:
+        assert op in text
+    assert "<- picked" in text
+    with vit_fast.set_backend("cuda"):
+        assert set(vit_fast.explain("cpu").picked.values()) == {"(raises)"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_explain_for_cuda_without_a_gpu_says_so():
+    ex = vit_fast.explain("cuda")
+    assert ex.dtype == "bfloat16"
+    for r in ex.rows:
+        if r["backend"] != "reference":
+            assert r["reasons"][0] == "no CUDA device visible"
+
+
+def test_model_is_identical_under_auto_and_reference():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = m(x)
+        with vit_fast.set_backend("reference"):
+            b = m(x)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -1,0 +1,179 @@
+"""The model: presets identical to timm's, outputs equal to timm's, wiring through the four ops."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import timm
+import torch
+
+import vit_fast
+from vit_fast import ops
+from vit_fast.config import PRESETS, ViTConfig, get_config
+
+TIMM_PRESETS = [n for n in PRESETS if n in timm.list_models()]
+SMALL = ["vit_tiny_patch16_224", "vit_small_patch32_224", "vit_tiny_patch16_384", "vit_small_patch32_384"]
+
+
+def test_every_required_timm_preset_is_there():
+    required = {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_224", "vit_base_patch16_224",
+                "vit_base_patch32_224", "vit_base_patch16_384", "vit_large_patch16_224", "vit_large_patch16_384",
+                "vit_huge_patch14_224"}
+    assert required <= set(TIMM_PRESETS)
+    assert "vit_tiny_patch4_32" in PRESETS and PRESETS["vit_tiny_patch4_32"].img_size == 32
+    assert "vit_nano_patch2_8" in PRESETS and PRESETS["vit_nano_patch2_8"].in_chans == 1
+
+
+@pytest.mark.parametrize("name", TIMM_PRESETS)
+def test_preset_architecture_equals_timm(name):
+    """Same parameter names, shapes and count as timm's model, and a strict load of its state dict."""
+    with torch.device("meta"):
+        t = timm.create_model(name)
+        m = vit_fast.create_model(name)
+    ts, ms = t.state_dict(), m.state_dict()
+    assert {k: v.shape for k, v in ts.items()} == {k: v.shape for k, v in ms.items()}
+    assert sum(p.numel() for p in t.parameters()) == sum(p.numel() for p in m.parameters())
+    m.load_state_dict(ts, strict=True, assign=True)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_from_timm_outputs_equal_timm(name):
+    t = timm.create_model(name).eval()
+    m = vit_fast.from_timm(t).eval()
+    assert m.config.to_dict() == get_config(name).to_dict()
+    x = torch.randn(2, 3, *m.patch_embed.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), t(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.forward_features(x), t.forward_features(x), atol=1e-5, rtol=1e-5)
+    # copies, not shared storage
+    assert m.pos_embed.data_ptr() != t.pos_embed.data_ptr()
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", ""])
+def test_global_pool_matches_timm(pool):
+    t = timm.create_model("vit_tiny_patch16_224", global_pool=pool, img_size=64, depth=2).eval()
+    m = vit_fast.from_timm(t).eval()
+    assert m.config.global_pool == pool
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_no_class_token_avg_pool_matches_timm():
+    t = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", img_size=48, depth=2).eval()
+    m = vit_fast.from_timm(t).eval()
+    assert m.cls_token is None and m.pos_embed.shape == (1, 9, 192)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_timm_rejects_features_vit_fast_lacks():
+    t = timm.create_model("vit_tiny_patch16_224", reg_tokens=4, img_size=32, depth=1)
+    with pytest.raises(ValueError, match="register tokens"):
+        vit_fast.from_timm(t)
+    t = timm.create_model("vit_tiny_patch16_224", init_values=1e-5, img_size=32, depth=1)
+    with pytest.raises(ValueError, match="layer scale"):
+        vit_fast.from_timm(t)
+
+
+def test_create_model_overrides_and_unknown_names():
+    m = vit_fast.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
+    assert m.head.out_features == 10 and len(m.blocks) == 2 and m.pos_embed.shape == (1, 5, 192)
+    with pytest.raises(ValueError, match="vit_base_patch16_224"):
+        vit_fast.create_model("vit_base_patch16_22")
+    with pytest.raises(TypeError, match="unknown ViTConfig field"):
+        vit_fast.create_model("vit_tiny_patch16_224", embed_dimm=3)
+    assert "vit_base_patch16_224" in vit_fast.list_models("base")
+    assert vit_fast.list_models() == sorted(PRESETS)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        ViTConfig(img_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        ViTConfig(embed_dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="global_pool"):
+        ViTConfig(global_pool="mean")
+    c = ViTConfig(img_size=(32, 48), patch_size=8)
+    assert c.grid_size == (4, 6) and c.num_patches == 24 and ViTConfig(**c.to_dict()) == c
+
+
+def test_head_less_model_returns_features():
+    m = vit_fast.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(m.head, torch.nn.Identity) and m(x).shape == (2, 192)
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape == (2, 192)
+
+
+def test_wrong_image_size_raises():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match="32x32"):
+        m(torch.randn(1, 3, 48, 48))
+
+
+def test_model_runs_through_the_four_ops_with_views_of_qkv():
+    """One call per op per place; q, k, v are strided views of the qkv output (no transposed copies)."""
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=3).eval()
+    calls = {name: 0 for name in ("patch_embed", "attention", "layer_norm", "layernorm_mlp")}
+    real = {name: getattr(ops, name) for name in calls}
+
+    def spy(name):
+        def f(*args, **kwargs):
+            calls[name] += 1
+            if name == "attention":
+                q, k, v = args
+                assert not q.is_contiguous()
+                assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            return real[name](*args, **kwargs)
+
+        return f
+
+    with mock.patch.multiple(vit_fast.model.ops, **{name: spy(name) for name in calls}):
+        m(torch.randn(2, 3, 32, 32))
+    assert calls == {"patch_embed": 1, "attention": 3, "layer_norm": 3 + 1, "layernorm_mlp": 3}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    m(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_training_mode_regularizers_and_init():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=5, drop_rate=0.1,
+                              attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2, pos_drop_rate=0.1)
+    assert m.blocks[0].drop_path1.__class__.__name__ == "Identity"
+    assert m.blocks[-1].drop_path2.p == pytest.approx(0.2)
+    x = torch.randn(4, 3, 32, 32)
+    m.train()
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b)  # dropout/drop-path are active
+    a.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+    # timm's init: truncated normal 0.02 linears, zero biases, tiny class token
+    assert m.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert m.blocks[0].mlp.fc1.bias.abs().max() == 0 and m.cls_token.abs().max() < 1e-4
+
+
+def test_reset_classifier():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    m.reset_classifier(3)
+    assert m.head.out_features == 3 and m.config.num_classes == 3
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_batch_zero_returns_empty():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4).eval()
+    assert m(torch.randn(0, 3, 32, 32)).shape == (0, 4)
