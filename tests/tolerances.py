@@ -25,5 +25,8 @@ def assert_scaled_close(
         return
     err = (out32 - ref32)[finite].abs().max().item()
     base = (low32 - ref32)[finite].abs().max().item()
-    tol = 2 * base + (ATOL[out.dtype] if atol is None else atol)
+    # atol scales with the result's magnitude: fp32 sums of hundreds of terms (weight gradients) differ in
+    # their last bits between summation orders, and there the same-dtype reference is the oracle (base = 0).
+    scale = max(1.0, ref32[finite].abs().max().item())
+    tol = 2 * base + (ATOL[out.dtype] if atol is None else atol) * scale
     assert err <= tol, f"{name}: max|out - ref_fp32| = {err:.3g} > 2 * {base:.3g} + atol (= {tol:.3g}), dtype {out.dtype}"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
 CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
@@ -151,31 +152,36 @@ def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
 
+def availability(backend: str, op: str) -> list[str]:
+    """Reasons ``backend`` cannot run ``op`` at all in this process (not installed, not built, not written)."""
+    if backend == "reference":
+        return []
+    if backend in _UNAVAILABLE:
+        return [_UNAVAILABLE[backend]]
+    if backend not in _OPS[op].impls:
+        return [f"{op} is not implemented yet in the {backend} backend"]
+    return []
+
+
 def reasons(backend: str, op: str, args: Sequence, kwargs: dict, device: torch.device | None = None) -> list[str]:
     """Every reason why ``backend`` cannot run ``op`` on these inputs; empty when it can.
 
-    ``device`` overrides the tensors' device (explain() builds its examples on the meta device).
+    ``device`` overrides the tensors' device (for explain()).
     """
     if backend == "reference":
         return []
-    why: list[str] = []
-    if backend in _UNAVAILABLE:
-        why.append(_UNAVAILABLE[backend])
-    impl = _OPS[op].impls.get(backend)
-    if impl is None and backend not in _UNAVAILABLE:
-        why.append(f"{op} is not implemented yet in the {backend} backend")
+    why = availability(backend, op)
     tensors = _tensors(args, kwargs)
     dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    if dev.type == "cuda":
-        pass
-    elif dev.type == "cpu" and backend == "triton":
+    if dev.type == "cpu" and backend == "triton":
         if not _INTERPRET:
             why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
-    else:
+    elif dev.type != "cuda":
         why.append(f"device {dev.type} not supported (needs a CUDA device)")
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype not in KERNEL_DTYPES})
     if dtypes:
         why.append(f"dtype {', '.join(dtypes)} not supported (float16, bfloat16, float32)")
+    impl = _OPS[op].impls.get(backend)
     if impl is not None and impl.check is not None and not why:
         why.extend(impl.check(*args, **kwargs))
     return why
@@ -216,7 +222,8 @@ class Explanation:
         for r in self.rows:
             mark = "yes" if r["available"] else "no"
             pick = "  <- picked" if self.picked[r["op"]] == r["backend"] else ""
-            lines.append(f"{r['op']:<{w_op}}  {r['backend']:<9}  {mark:<4}  {'; '.join(r['reasons']) or '-'}{pick}")
+            detail = "; ".join(r["reasons"]) or (f"- ({r['note']})" if r["note"] else "-")
+            lines.append(f"{r['op']:<{w_op}}  {r['backend']:<9}  {mark:<4}  {detail}{pick}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -234,17 +241,24 @@ def explain(device: str | torch.device | None = None, dtype: torch.dtype | None 
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     setting = get_backend()
-    no_device = device.type == "cuda" and not torch.cuda.is_available()
+    usable = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
     rows, picked = [], {}
     for op, info in _OPS.items():
         args, kwargs = info.example(dtype)
+        if usable:  # the op checks see tensors on the real device (uninitialized: nothing is computed)
+            args, kwargs = tree_map_only(
+                torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), (args, kwargs)
+            )
         per_backend = {}
         for backend in BACKENDS:
-            why = reasons(backend, op, args, kwargs, device=device)
-            if no_device and backend != "reference":
-                why = ["no CUDA device visible", *why]
+            if usable or backend == "reference":
+                why = reasons(backend, op, args, kwargs, device=device)
+            else:
+                why = ["no CUDA device visible" if device.type == "cuda" else f"device {device.type} not supported"]
+                why += availability(backend, op)
             per_backend[backend] = why
-            rows.append({"op": op, "backend": backend, "available": not why, "reasons": why})
+            note = "Triton interpreter: slow, for tests" if backend == "triton" and device.type == "cpu" else ""
+            rows.append({"op": op, "backend": backend, "available": not why, "reasons": why, "note": note})
         if setting == "auto":
             order = AUTO_ORDER.get(device.type, ())
             picked[op] = next((b for b in order if not per_backend[b]), "reference")

@@ -87,6 +87,203 @@ backends.declare("layernorm_mlp", _example)
 backends.register("layernorm_mlp", "reference")(layernorm_mlp_ref)
 
 
+# Autograd, shared by every backend whose forward op has the signature
+#   (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre)
+#     -> (out, mean, rstd, pre)
+# and whose backward op has the signature
+#   (dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1, grad_fc2)
+#     -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)
+# mean, rstd (M,) are fp32; pre (M, hidden) is the pre-GELU activation, or (0,) when the forward did not save it
+# (the backward then recomputes it). Gradients not asked for come back as empty (0,) tensors.
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, _fc2_bias, residual, _eps, _save_pre = inputs
+    _out, mean, rstd, pre = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre)
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.mark_non_differentiable(mean, rstd, pre)
+
+
+def _backward_for(bwd_op):
+    """The autograd backward of a layernorm_mlp forward op, given its backward op (signatures above)."""
+
+    def backward(ctx, dout: torch.Tensor, *_stat_grads: torch.Tensor | None) -> tuple:
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_ln, grad_fc1, grad_fc2 = any(need[0:3]), any(need[3:5]), any(need[5:7])
+        grads: list[torch.Tensor | None] = [None] * 7
+        if grad_ln or grad_fc1 or grad_fc2:
+            dout_c = dout.contiguous()
+            computed = bwd_op(dout_c, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre,
+                              grad_ln, grad_fc1, grad_fc2)
+            grads = [g if n else None for g, n in zip(computed, need[:7], strict=True)]
+        dres = dout.to(ctx.residual_dtype) if ctx.residual_dtype is not None and need[7] else None
+        return (*grads, dres, None, None)
+
+    return backward
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMMs' dtype: autocast's when it is on (as the reference gets from autocast), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+try:
+    from vit_fast.kernels import layernorm_mlp as _kernels
+except Exception as e:  # noqa: BLE001 - any import failure (no triton, a broken install) disables the backend
+    backends.mark_unavailable("triton", f"vit_fast.kernels.layernorm_mlp failed to import: {e}")
+else:
+
+    @torch.library.custom_op("vit_fast::layernorm_mlp_fwd_triton", mutates_args=())
+    def _layernorm_mlp_fwd_triton(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        residual: torch.Tensor | None,
+        eps: float,
+        save_pre: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.layernorm_mlp_fwd(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre
+        )
+
+    @_layernorm_mlp_fwd_triton.register_fake
+    def _(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        residual: torch.Tensor | None,
+        eps: float,
+        save_pre: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cdt = fc1_weight.dtype
+        out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+        m = x.numel() // x.shape[-1]
+        out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=out_dtype)
+        stat = x.new_empty((m,), dtype=torch.float32)
+        pre = x.new_empty((m, fc1_weight.shape[0]) if save_pre else (0,), dtype=cdt)
+        return out, stat, torch.empty_like(stat), pre
+
+    @torch.library.custom_op("vit_fast::layernorm_mlp_bwd_triton", mutates_args=())
+    def _layernorm_mlp_bwd_triton(
+        dout: torch.Tensor,
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        pre: torch.Tensor,
+        grad_ln: bool,
+        grad_fc1: bool,
+        grad_fc2: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.layernorm_mlp_bwd(
+            dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1,
+            grad_fc2,
+        )
+
+    @_layernorm_mlp_bwd_triton.register_fake
+    def _(
+        dout: torch.Tensor,
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        pre: torch.Tensor,
+        grad_ln: bool,
+        grad_fc1: bool,
+        grad_fc2: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cdt = fc1_weight.dtype
+
+        def grad(wanted: bool, like: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            return like.new_empty(shape if wanted else (0,), dtype=dtype)
+
+        return (
+            grad(grad_ln, x, x.dtype, tuple(x.shape)),
+            grad(grad_ln, x, ln_weight.dtype, tuple(ln_weight.shape)),
+            grad(grad_ln, x, ln_bias.dtype, tuple(ln_bias.shape)),
+            grad(grad_fc1, x, cdt, tuple(fc1_weight.shape)),
+            grad(grad_fc1, x, fc1_bias.dtype, tuple(fc1_bias.shape)),
+            grad(grad_fc2, x, cdt, tuple(fc2_weight.shape)),
+            grad(grad_fc2, x, cdt, (fc2_weight.shape[0],)),
+        )
+
+    torch.library.register_autograd(
+        "vit_fast::layernorm_mlp_fwd_triton",
+        _backward_for(torch.ops.vit_fast.layernorm_mlp_bwd_triton),
+        setup_context=_setup_context,
+    )
+
+    def _triton_check(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        residual: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+    ) -> list[str]:
+        why = []
+        if dropout_p > 0:
+            why.append("dropout_p > 0 not supported")
+        if x.shape[-1] > _kernels.MAX_C:
+            why.append(f"C = {x.shape[-1]} > {_kernels.MAX_C} (the LayerNorm row kernels hold whole rows)")
+        if not torch.is_autocast_enabled(x.device.type):
+            gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight,
+                    "fc2_bias": fc2_bias}
+            if len({t.dtype for t in gemm.values()}) > 1:
+                listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
+                why.append(f"mixed dtypes outside autocast ({listing})")
+        return why
+
+    @backends.register("layernorm_mlp", "triton", check=_triton_check)
+    def _layernorm_mlp_triton(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        residual: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+    ) -> torch.Tensor:
+        # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
+        # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
+        cdt = _compute_dtype(x)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        out, _mean, _rstd, _pre = torch.ops.vit_fast.layernorm_mlp_fwd_triton(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, float(eps), save_pre
+        )
+        return out
+
+
 def layernorm_mlp(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
