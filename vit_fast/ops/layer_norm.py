@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +45,99 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
 
 backends.declare("layer_norm", _example)
 backends.register("layer_norm", "reference")(layer_norm_ref)
+
+
+# ---- Triton backend -------------------------------------------------------------------------------------------
+
+try:
+    from vit_fast.kernels import layer_norm as _kernels
+except Exception as e:  # triton missing or failing to initialize: the other backends still work
+    _kernels = None
+    backends.mark_unavailable("triton", f"vit_fast.kernels.layer_norm failed to import: {e}")
+
+# Device types whose autocast runs layer_norm in float32 (CUDA's autocast policy); CPU autocast leaves it alone.
+_AUTOCAST_FP32_DEVICES = ("cuda",)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (M, C) with a unit column stride: a view when the leading dims merge, else a copy."""
+    t2 = t.reshape(-1, t.shape[-1])  # (M, C)
+    return t2 if t2.shape[1] == 1 or t2.stride(1) == 1 else t2.contiguous()
+
+
+def _num_rows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+
+
+def _backward_for(bwd_op: Callable) -> Callable:
+    """The autograd rule for a backend's forward op, given its backward op (same signature in every backend):
+    ``bwd_op(grad_out, x, weight, mean, rstd) -> (dx, dweight, dbias)``."""
+
+    def backward(ctx, grad_out: torch.Tensor, _grad_mean, _grad_rstd) -> tuple:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = bwd_op(grad_out, x, weight, mean, rstd)
+        need = ctx.needs_input_grad
+        return (
+            dx if need[0] else None,
+            dweight if need[1] else None,
+            dbias.to(ctx.bias_dtype) if need[2] else None,
+            None,
+        )
+
+    return backward
+
+
+if _kernels is not None:
+
+    @torch.library.custom_op("vit_fast::layer_norm_fwd_triton", mutates_args=())
+    def _layer_norm_fwd_triton(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, mean, rstd = _kernels.layer_norm_fwd(_rows(x), weight.contiguous(), bias.contiguous(), eps)
+        return y.view(x.shape), mean, rstd
+
+    @_layer_norm_fwd_triton.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        stats = x.new_empty((_num_rows(x),), dtype=torch.float32)
+        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+    @torch.library.custom_op("vit_fast::layer_norm_bwd_triton", mutates_args=())
+    def _layer_norm_bwd_triton(
+        grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dx, dweight, dbias = _kernels.layer_norm_bwd(_rows(grad_out), _rows(x), weight.contiguous(), mean, rstd)
+        return dx.view(x.shape), dweight, dbias
+
+    @_layer_norm_bwd_triton.register_fake
+    def _(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    torch.library.register_autograd(
+        "vit_fast::layer_norm_fwd_triton",
+        _backward_for(torch.ops.vit_fast.layer_norm_bwd_triton),
+        setup_context=_setup_context,
+    )
+
+    def _triton_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> list[str]:
+        if x.shape[-1] > _kernels.MAX_C:
+            return [f"width C = {x.shape[-1]} > {_kernels.MAX_C} (rows are held in registers)"]
+        return []
+
+    @backends.register("layer_norm", "triton", check=_triton_check)
+    def _layer_norm_triton(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6
+    ) -> torch.Tensor:
+        if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
+            x, weight, bias = x.float(), weight.float(), bias.float()
+        y, _mean, _rstd = torch.ops.vit_fast.layer_norm_fwd_triton(x, weight, bias, eps)
+        return y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:

@@ -3,6 +3,8 @@ token prepended and the position embedding added, producing the token sequence (
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,8 @@ def _validate(images, weight, bias, cls_token, pos_embed) -> None:
         )
     if h % ph or w % pw:
         raise ValueError(
-            f"images height and width must be divisible by the patch size {ph}x{pw}; got images {_checks.describe(images)}"
+            f"images height and width must be divisible by the patch size {ph}x{pw}; "
+            f"got images {_checks.describe(images)}"
         )
     n = (h // ph) * (w // pw)
     if bias is not None:
@@ -84,6 +87,154 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
 
 backends.declare("patch_embed", _example)
 backends.register("patch_embed", "reference")(patch_embed_ref)
+
+
+# ---- Triton backend -------------------------------------------------------------------------------------------
+
+try:
+    from vit_fast.kernels import patch_embed as _kernels
+except Exception as e:  # triton missing or failing to initialize: the other backends still work
+    _kernels = None
+    backends.mark_unavailable("triton", f"vit_fast.kernels.patch_embed failed to import: {e}")
+
+
+def _out_dtype(images: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
+    """The reference's result dtype: the conv's, promoted by the position embedding's addition."""
+    return images.dtype if pos_embed is None else torch.promote_types(images.dtype, pos_embed.dtype)
+
+
+def _flat(t: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(*shape).contiguous()
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs F.conv2d in on ``device``, or None when autocast is off there."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_for(bwd_op: Callable) -> Callable:
+    """The autograd rule for a backend's forward op, given its backward op (same signature in every backend):
+    ``bwd_op(grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad)
+    -> (dimages, dweight, dbias, dcls_token, dpos_embed)``, absent gradients as empty tensors."""
+
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        images, weight, bias, cls_token, pos_embed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = bwd_op(grad_out, images, weight, bias, cls_token, pos_embed, need[0], need[1])
+        return tuple(g if wanted else None for g, wanted in zip(grads, need, strict=True))
+
+    return backward
+
+
+if _kernels is not None:
+
+    @torch.library.custom_op("vit_fast::patch_embed_fwd_triton", mutates_args=())
+    def _patch_embed_fwd_triton(
+        images: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cls_token: torch.Tensor | None,
+        pos_embed: torch.Tensor | None,
+    ) -> torch.Tensor:
+        e = weight.shape[0]
+        return _kernels.patch_embed_fwd(
+            images,
+            weight.contiguous(),
+            bias,
+            _flat(cls_token, e),
+            _flat(pos_embed, -1, e),
+            _out_dtype(images, pos_embed),
+        )
+
+    @_patch_embed_fwd_triton.register_fake
+    def _(images, weight, bias, cls_token, pos_embed):
+        b, _, h, w = images.shape
+        e, _, ph, pw = weight.shape
+        tokens = (h // ph) * (w // pw) + (cls_token is not None)
+        return images.new_empty((b, tokens, e), dtype=_out_dtype(images, pos_embed))
+
+    @torch.library.custom_op("vit_fast::patch_embed_bwd_triton", mutates_args=())
+    def _patch_embed_bwd_triton(
+        grad_out: torch.Tensor,
+        images: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cls_token: torch.Tensor | None,
+        pos_embed: torch.Tensor | None,
+        images_grad: bool,
+        weight_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        e = weight.shape[0]
+        dimages, dweight, dbias, dcls, dpos = _kernels.patch_embed_bwd(
+            grad_out,
+            images,
+            weight.contiguous(),
+            bias,
+            _flat(cls_token, e),
+            _flat(pos_embed, -1, e),
+            images_grad,
+            weight_grad,
+        )
+        return (
+            dimages,
+            dweight,
+            dbias,
+            dcls if cls_token is None else dcls.view(cls_token.shape),
+            dpos if pos_embed is None else dpos.view(pos_embed.shape),
+        )
+
+    @_patch_embed_bwd_triton.register_fake
+    def _(grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad):
+        def like(t: torch.Tensor | None, wanted: bool = True) -> torch.Tensor:
+            return t.new_empty(t.shape) if t is not None and wanted else grad_out.new_empty((0,))
+
+        return like(images, images_grad), like(weight, weight_grad), like(bias), like(cls_token), like(pos_embed)
+
+    torch.library.register_autograd(
+        "vit_fast::patch_embed_fwd_triton",
+        _backward_for(torch.ops.vit_fast.patch_embed_bwd_triton),
+        setup_context=_setup_context,
+    )
+
+    def _triton_check(
+        images: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        cls_token: torch.Tensor | None = None,
+        pos_embed: torch.Tensor | None = None,
+    ) -> list[str]:
+        why = []
+        autocast = _autocast_dtype(images.device)
+        if autocast is None:  # autocast casts images, weight and bias to one dtype, as it does for F.conv2d
+            others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+            for name, t in others:
+                if t.dtype != images.dtype:
+                    why.append(f"{name} dtype {str(t.dtype)[6:]} differs from images dtype {str(images.dtype)[6:]}")
+        if images.device.type == "cpu" and (autocast or images.dtype) == torch.bfloat16:
+            why.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
+        return why
+
+    @backends.register("patch_embed", "triton", check=_triton_check)
+    def _patch_embed_triton(
+        images: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        cls_token: torch.Tensor | None = None,
+        pos_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dt = _autocast_dtype(images.device)
+        if dt is not None:  # the reference's F.conv2d runs in the autocast dtype
+            images, weight = images.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        return torch.ops.vit_fast.patch_embed_fwd_triton(images, weight, bias, cls_token, pos_embed)
 
 
 def patch_embed(
