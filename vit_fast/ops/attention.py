@@ -52,6 +52,116 @@ backends.declare("attention", _example)
 backends.register("attention", "reference")(attention_ref)
 
 
+# ---- Triton: custom ops, fakes, the shared autograd rule, the backend entry -------------------------------------
+#
+# The forward op returns (out, lse): out (B, H, N, D) over (B, N, H, D) memory, lse (B, H, N) fp32. The backward
+# op returns (dq, dk, dv), each (B, H, N, D) over (B, N, H, D) memory. Another backend registering ops
+# ``vit_fast::attention_fwd`` / ``attention_bwd`` with the same signatures reuses _setup_context and
+# _backward_for.
+
+
+def _bhnd_over_bnhd(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``t`` (B, H, N, D), laid out as the kernels write: (B, N, H, D) memory."""
+    B, H, N, D = t.shape
+    return t.new_empty((B, N, H, D)).transpose(1, 2)  # (B, H, N, D)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_for(bwd_op):
+    """The autograd backward of a forward op (q, k, v, scale) -> (out, lse), given its backward op
+    (dout, q, k, v, out, lse, scale) -> (dq, dk, dv). lse is a saved statistic, not differentiable."""
+
+    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
+        q, k, v, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        if not (need_q or need_k or need_v):
+            return None, None, None, None
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, ctx.scale)
+        return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None
+
+    return backward
+
+
+def _resolve_scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+try:
+    from vit_fast.kernels import attention as _kernels
+except Exception as e:  # any import failure (no triton, a broken install, an old triton) disables the backend
+    backends.mark_unavailable("triton", f"vit_fast.kernels.attention failed to import: {e}")
+else:
+
+    @torch.library.custom_op("vit_fast::attention_fwd_triton", mutates_args=())
+    def _attention_fwd_triton(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.attention_fwd(q, k, v, scale)
+
+    @_attention_fwd_triton.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, N, _D = q.shape
+        return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("vit_fast::attention_bwd_triton", mutates_args=())
+    def _attention_bwd_triton(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.attention_bwd(dout, q, k, v, out, lse, scale)
+
+    @_attention_bwd_triton.register_fake
+    def _(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
+
+    torch.library.register_autograd(
+        "vit_fast::attention_fwd_triton",
+        _backward_for(torch.ops.vit_fast.attention_bwd_triton),
+        setup_context=_setup_context,
+    )
+
+    def _triton_check(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
+    ) -> list[str]:
+        why = []
+        if dropout_p > 0:
+            why.append("dropout_p > 0 not supported")
+        if not 16 <= q.shape[-1] <= 128:
+            why.append(f"head dim {q.shape[-1]} outside 16..128")
+        return why
+
+    @backends.register("attention", "triton", check=_triton_check)
+    def _attention_triton(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
+    ) -> torch.Tensor:
+        device = q.device.type
+        if torch.is_autocast_enabled(device):  # custom ops do not see autocast: cast as it would for SDPA
+            dt = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        out, _lse = torch.ops.vit_fast.attention_fwd_triton(q, k, v, _resolve_scale(q, scale))
+        return out
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
 ) -> torch.Tensor:
