@@ -176,6 +176,9 @@ def reasons(backend: str, op: str, args: Sequence, kwargs: dict, device: torch.d
     if dev.type == "cpu" and backend == "triton":
         if not _INTERPRET:
             why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        if amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors):
+            why.append("bfloat16 on CPU: the Triton interpreter computes bfloat16 tl.dot wrongly (bf16 runs on a GPU)")
     elif dev.type != "cuda":
         why.append(f"device {dev.type} not supported (needs a CUDA device)")
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype not in KERNEL_DTYPES})
