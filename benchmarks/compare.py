@@ -1,0 +1,50 @@
+"""Regression check: flag the rows of a new ``results.json`` that are slower than in an earlier run by more
+than the noise of the two runs (see ``vit_fast.bench.compare_results``).
+
+    python benchmarks/compare.py NEW/results.json [OLD/results.json]
+
+OLD defaults to the newest run committed under ``benchmarks/results/`` on the same device. Exit status 1 when
+a row is flagged, 0 otherwise (also when there is nothing to compare with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from vit_fast.bench import compare_results, format_comparison, newest_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("new", help="results.json of the new run")
+    parser.add_argument("old", nargs="?", default=None, help="results.json of the earlier run")
+    parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--min-rel", type=float, default=0.02, help="smallest slowdown flagged (default 0.02)")
+    args = parser.parse_args(argv)
+    with open(args.new) as f:
+        new = json.load(f)
+    if args.old is None:
+        dev = new["environment"]["device"]
+        found = newest_results(args.results_dir, device_type=dev["type"], device_name=dev["name"], exclude=args.new)
+        if found is None:
+            print(f"regression check: no earlier committed run on {dev['name']} under {args.results_dir}")
+            return 0
+        old_path, old = found
+    else:
+        old_path = args.old
+        with open(old_path) as f:
+            old = json.load(f)
+    print(f"comparing {args.new} with {old_path}")
+    cmp = compare_results(old, new, min_rel=args.min_rel)
+    print(format_comparison(cmp))
+    return 1 if cmp["flagged"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
