@@ -177,3 +177,54 @@ def test_reset_classifier():
 def test_batch_zero_returns_empty():
     m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4).eval()
     assert m(torch.randn(0, 3, 32, 32)).shape == (0, 4)
+
+
+# ---- the model on the Triton backend (CPU: through the interpreter) ---------------------------------------------
+
+
+def _tiny(**kw):
+    return vit_fast.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                 num_heads=2, num_classes=5, **kw)
+
+
+def _triton_runs() -> None:
+    reasons = vit_fast.backends.reasons("triton", "attention", (torch.ones(1, 1, 1, 16),) * 3, {})
+    if reasons:
+        pytest.skip("triton cannot run here: " + "; ".join(reasons))
+
+
+def test_triton_model_logits_and_every_gradient_match_the_reference():
+    from tolerances import assert_scaled_close
+
+    _triton_runs()
+    m = _tiny()
+    x = torch.randn(3, 3, 16, 16)
+    results = {}
+    for backend in ("reference", "triton"):
+        m.zero_grad()
+        with vit_fast.set_backend(backend):
+            out = m(x)
+            out.square().mean().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    ref_out, ref_grads = results["reference"]
+    out, grads = results["triton"]
+    assert_scaled_close(out, ref_out, ref_out, name="logits")
+    for n, g in grads.items():
+        assert_scaled_close(g, ref_grads[n], ref_grads[n], name=n)
+
+
+def test_triton_model_trains_end_to_end():
+    _triton_runs()
+    torch.manual_seed(0)
+    m = _tiny()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    with vit_fast.set_backend("triton"):
+        for _ in range(8):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
