@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-import vit_fast
-
 
 def _vit_fast_exe() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "vit-fast")

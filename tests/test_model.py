@@ -125,7 +125,8 @@ def test_model_runs_through_the_four_ops_with_views_of_qkv():
             if name == "attention":
                 q, k, v = args
                 assert not q.is_contiguous()
-                assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                ptrs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+                assert len(ptrs) == 1
             return real[name](*args, **kwargs)
 
         return f

@@ -13,13 +13,19 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bf
 
 
 def assert_scaled_close(
-    out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor, *, name: str = "out", atol: float | None = None
+    out: torch.Tensor,
+    ref_same_dtype: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    *,
+    name: str = "out",
+    atol: float | None = None,
 ) -> None:
     """The scale-aware rule; NaNs must sit exactly where the oracle has them."""
     assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
     out32, low32, ref32 = out.double(), ref_same_dtype.double(), ref_fp32.double()
     nan_out, nan_ref = torch.isnan(out32), torch.isnan(ref32)
-    assert torch.equal(nan_out, nan_ref), f"{name}: NaN at {int((nan_out ^ nan_ref).sum())} positions where the oracle differs"
+    where = int((nan_out ^ nan_ref).sum())
+    assert torch.equal(nan_out, nan_ref), f"{name}: NaN at {where} positions where the oracle differs"
     finite = ~nan_ref
     if not finite.any():
         return
@@ -29,4 +35,4 @@ def assert_scaled_close(
     # their last bits between summation orders, and there the same-dtype reference is the oracle (base = 0).
     scale = max(1.0, ref32[finite].abs().max().item())
     tol = 2 * base + (ATOL[out.dtype] if atol is None else atol) * scale
-    assert err <= tol, f"{name}: max|out - ref_fp32| = {err:.3g} > 2 * {base:.3g} + atol (= {tol:.3g}), dtype {out.dtype}"
+    assert err <= tol, f"{name}: max|out - ref_fp32| = {err:.3g} > 2 * {base:.3g} + atol (= {tol:.3g}), {out.dtype}"

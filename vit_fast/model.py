@@ -5,10 +5,8 @@ parameter names so timm checkpoints load unchanged. Every hot-path computation g
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vit_fast import ops
@@ -176,8 +174,9 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
         p = next(self.parameters())
-        self.head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
+        self.head = nn.Identity()
         if num_classes:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
