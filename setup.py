@@ -51,6 +51,40 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def _site_nvidia_dirs() -> list[str]:
+    """``nvidia/<pkg>`` folders of the pip CUDA wheels next to the installed torch (cuBLAS ships there)."""
+    import importlib.util
+
+    dirs = []
+    spec = importlib.util.find_spec("nvidia")
+    for root in list(spec.submodule_search_locations or []) if spec else []:
+        dirs += sorted(glob.glob(os.path.join(root, "*")))
+    return dirs
+
+
+def find_cublaslt(cuda_home: str) -> tuple[str, str] | None:
+    """(include dir holding cublasLt.h, path of the cuBLASLt shared library), from the toolkit or torch's wheels."""
+    header = lib = None
+    for d in [os.path.join(cuda_home, "include"), *glob.glob(os.path.join(cuda_home, "targets", "*", "include")),
+              *(os.path.join(p, "include") for p in _site_nvidia_dirs())]:
+        if os.path.isfile(os.path.join(d, "cublasLt.h")):
+            header = d
+            break
+    for d in [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
+              *glob.glob(os.path.join(cuda_home, "targets", "*", "lib")),
+              *(os.path.join(p, "lib") for p in _site_nvidia_dirs())]:
+        found = sorted(glob.glob(os.path.join(d, "libcublasLt.so*")), key=len)
+        if found:
+            lib = found[0]
+            break
+    return (header, lib) if header and lib else None
+
+
+def _fail(why: str) -> None:
+    sys.exit(f"vit_fast: cannot build the CUDA extension vit_fast._C: {why}. "
+             "Set VIT_FAST_BUILD_CUDA=0 to install the pure-Python package (Triton and reference backends).")
+
+
 def cuda_extensions() -> tuple[list, dict]:
     flag = os.environ.get("VIT_FAST_BUILD_CUDA", "").strip()
     if flag == "0":
@@ -64,11 +98,18 @@ def cuda_extensions() -> tuple[list, dict]:
         print("vit_fast: building without the CUDA extension "
               f"({'no CUDA toolkit found' if cuda_home is None else 'csrc/ has no sources'})")
         return [], {}
+    cublaslt = find_cublaslt(cuda_home)
+    if cublaslt is None:
+        _fail(f"cuBLASLt (cublasLt.h and libcublasLt.so) not found in {cuda_home} nor in the nvidia pip packages")
+    cublas_include, cublas_lib = cublaslt
 
     # torch.utils.cpp_extension reads CUDA_HOME when imported: set it to the verified toolkit first.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as e:
+        _fail(f"torch is needed to build it ({e}); install torch first and build with --no-build-isolation")
 
     class LoudBuildExtension(BuildExtension):
         def run(self) -> None:
@@ -76,23 +117,27 @@ def cuda_extensions() -> tuple[list, dict]:
                 super().run()
             except Exception as e:  # noqa: BLE001 - re-raised with the way out
                 raise RuntimeError(
-                    f"vit_fast: building the CUDA extension vit_fast._C failed ({e}). "
-                    "Set VIT_FAST_BUILD_CUDA=0 to install without it."
+                    f"vit_fast: building the CUDA extension vit_fast._C failed ({e}); the compiler output above "
+                    "names the cause. Set VIT_FAST_BUILD_CUDA=0 to install without it."
                 ) from e
 
+    lib_dir = os.path.dirname(cublas_lib)
     ext = CUDAExtension(
         name="vit_fast._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=[os.path.join(HERE, "csrc"), cublas_include],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            # torch picks the C++ standard its headers need; no -std here.
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
-        libraries=["cublasLt", "cublas"],
+        # The wheel's library may carry only a versioned name (libcublasLt.so.13): link it by path. At run time
+        # torch has already loaded the same library (same soname); the rpath covers a standalone load.
+        extra_link_args=[cublas_lib, f"-Wl,-rpath,{lib_dir}"],
         py_limited_api=False,
     )
     print(f"vit_fast: building vit_fast._C with CUDA_HOME={cuda_home} "
-          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} cuBLASLt={cublas_lib}")
     return [ext], {"build_ext": LoudBuildExtension.with_options(use_ninja=True)}
 
 

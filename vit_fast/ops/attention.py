@@ -93,6 +93,41 @@ def _resolve_scale(q: torch.Tensor, scale: float | None) -> float:
     return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake of every backend's forward op: out (B, H, N, D) over (B, N, H, D) memory, lse (B, H, N) fp32."""
+    B, H, N, _D = q.shape
+    return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _bwd_fake(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake of every backend's backward op: dq, dk, dv (B, H, N, D) over (B, N, H, D) memory."""
+    return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
+
+
+def _public_for(fwd_op):
+    """The public op's signature over a backend's forward op."""
+
+    def run(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
+    ) -> torch.Tensor:
+        device = q.device.type
+        if torch.is_autocast_enabled(device):  # custom ops do not see autocast: cast as it would for SDPA
+            dt = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        out, _lse = fwd_op(q, k, v, _resolve_scale(q, scale))
+        return out
+
+    return run
+
+
 try:
     from vit_fast.kernels import attention as _kernels
 except Exception as e:  # any import failure (no triton, a broken install, an old triton) disables the backend
@@ -105,10 +140,7 @@ else:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _kernels.attention_fwd(q, k, v, scale)
 
-    @_attention_fwd_triton.register_fake
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        B, H, N, _D = q.shape
-        return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
+    _attention_fwd_triton.register_fake(_fwd_fake)
 
     @torch.library.custom_op("vit_fast::attention_bwd_triton", mutates_args=())
     def _attention_bwd_triton(
@@ -122,17 +154,7 @@ else:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _kernels.attention_bwd(dout, q, k, v, out, lse, scale)
 
-    @_attention_bwd_triton.register_fake
-    def _(
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
+    _attention_bwd_triton.register_fake(_bwd_fake)
 
     torch.library.register_autograd(
         "vit_fast::attention_fwd_triton",
@@ -150,16 +172,39 @@ else:
             why.append(f"head dim {q.shape[-1]} outside 16..128")
         return why
 
-    @backends.register("attention", "triton", check=_triton_check)
-    def _attention_triton(
+    _attention_triton = backends.register("attention", "triton", check=_triton_check)(
+        _public_for(torch.ops.vit_fast.attention_fwd_triton)
+    )
+
+
+# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
+
+_CUDA_HEAD_DIMS = (64, 80, 128)  # the head dims the tensor-core kernels are instantiated for
+
+if hasattr(torch.ops.vit_fast, "attention_fwd"):  # the extension loaded and defined the ops
+    torch.library.register_fake("vit_fast::attention_fwd", _fwd_fake)
+    torch.library.register_fake("vit_fast::attention_bwd", _bwd_fake)
+    torch.library.register_autograd(
+        "vit_fast::attention_fwd", _backward_for(torch.ops.vit_fast.attention_bwd), setup_context=_setup_context
+    )
+
+    def _cuda_check(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
-    ) -> torch.Tensor:
+    ) -> list[str]:
+        why = []
+        if dropout_p > 0:
+            why.append("dropout_p > 0 not supported")
+        if q.shape[-1] not in _CUDA_HEAD_DIMS:
+            why.append(f"head dim {q.shape[-1]} not in {', '.join(map(str, _CUDA_HEAD_DIMS))}")
         device = q.device.type
-        if torch.is_autocast_enabled(device):  # custom ops do not see autocast: cast as it would for SDPA
-            dt = torch.get_autocast_dtype(device)
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        out, _lse = torch.ops.vit_fast.attention_fwd_triton(q, k, v, _resolve_scale(q, scale))
-        return out
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        if dt not in (torch.float16, torch.bfloat16):
+            why.append(f"dtype {str(dt).replace('torch.', '')} not supported (tensor-core kernels: float16, bfloat16)")
+        return why
+
+    _attention_cuda = backends.register("attention", "cuda", check=_cuda_check)(
+        _public_for(torch.ops.vit_fast.attention_fwd)
+    )
 
 
 def attention(

@@ -94,6 +94,29 @@ def _backward_for(bwd_op: Callable) -> Callable:
     return backward
 
 
+def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """Fake of every backend's forward op: y like x (contiguous), fp32 mean and rstd per row."""
+    stats = x.new_empty((_num_rows(x),), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+def _bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    """Fake of every backend's backward op: dx like x, dweight and dbias like weight."""
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _public_for(fwd_op: Callable) -> Callable:
+    """The public op's signature over a backend's forward op."""
+
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+        if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
+            x, weight, bias = x.float(), weight.float(), bias.float()
+        y, _mean, _rstd = fwd_op(x, weight, bias, eps)
+        return y
+
+    return run
+
+
 if _kernels is not None:
 
     @torch.library.custom_op("vit_fast::layer_norm_fwd_triton", mutates_args=())
@@ -103,10 +126,7 @@ if _kernels is not None:
         y, mean, rstd = _kernels.layer_norm_fwd(_rows(x), weight.contiguous(), bias.contiguous(), eps)
         return y.view(x.shape), mean, rstd
 
-    @_layer_norm_fwd_triton.register_fake
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-        stats = x.new_empty((_num_rows(x),), dtype=torch.float32)
-        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+    _layer_norm_fwd_triton.register_fake(_fwd_fake)
 
     @torch.library.custom_op("vit_fast::layer_norm_bwd_triton", mutates_args=())
     def _layer_norm_bwd_triton(
@@ -115,9 +135,7 @@ if _kernels is not None:
         dx, dweight, dbias = _kernels.layer_norm_bwd(_rows(grad_out), _rows(x), weight.contiguous(), mean, rstd)
         return dx.view(x.shape), dweight, dbias
 
-    @_layer_norm_bwd_triton.register_fake
-    def _(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    _layer_norm_bwd_triton.register_fake(_bwd_fake)
 
     torch.library.register_autograd(
         "vit_fast::layer_norm_fwd_triton",
@@ -130,14 +148,30 @@ if _kernels is not None:
             return [f"width C = {x.shape[-1]} > {_kernels.MAX_C} (rows are held in registers)"]
         return []
 
-    @backends.register("layer_norm", "triton", check=_triton_check)
-    def _layer_norm_triton(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6
-    ) -> torch.Tensor:
-        if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
-            x, weight, bias = x.float(), weight.float(), bias.float()
-        y, _mean, _rstd = torch.ops.vit_fast.layer_norm_fwd_triton(x, weight, bias, eps)
-        return y
+    _layer_norm_triton = backends.register("layer_norm", "triton", check=_triton_check)(
+        _public_for(torch.ops.vit_fast.layer_norm_fwd_triton)
+    )
+
+
+# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
+
+_CUDA_MAX_C = 6144  # the backward keeps per-warp column sums of a row in shared memory
+
+if hasattr(torch.ops.vit_fast, "layer_norm_fwd"):  # the extension loaded and defined the ops
+    torch.library.register_fake("vit_fast::layer_norm_fwd", _fwd_fake)
+    torch.library.register_fake("vit_fast::layer_norm_bwd", _bwd_fake)
+    torch.library.register_autograd(
+        "vit_fast::layer_norm_fwd", _backward_for(torch.ops.vit_fast.layer_norm_bwd), setup_context=_setup_context
+    )
+
+    def _cuda_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> list[str]:
+        if x.shape[-1] > _CUDA_MAX_C:
+            return [f"width C = {x.shape[-1]} > {_CUDA_MAX_C}"]
+        return []
+
+    _layer_norm_cuda = backends.register("layer_norm", "cuda", check=_cuda_check)(
+        _public_for(torch.ops.vit_fast.layer_norm_fwd)
+    )
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:

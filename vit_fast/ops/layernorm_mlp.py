@@ -130,6 +130,108 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+# Fake (meta) implementations, shared by every backend's forward and backward ops (signatures above).
+
+
+def _fwd_fake(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    eps: float,
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cdt = fc1_weight.dtype
+    out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    m = x.numel() // x.shape[-1]
+    out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=out_dtype)
+    stat = x.new_empty((m,), dtype=torch.float32)
+    pre = x.new_empty((m, fc1_weight.shape[0]) if save_pre else (0,), dtype=cdt)
+    return out, stat, torch.empty_like(stat), pre
+
+
+def _bwd_fake(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    pre: torch.Tensor,
+    grad_ln: bool,
+    grad_fc1: bool,
+    grad_fc2: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cdt = fc1_weight.dtype
+
+    def grad(wanted: bool, like: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return like.new_empty(shape if wanted else (0,), dtype=dtype)
+
+    return (
+        grad(grad_ln, x, x.dtype, tuple(x.shape)),
+        grad(grad_ln, x, ln_weight.dtype, tuple(ln_weight.shape)),
+        grad(grad_ln, x, ln_bias.dtype, tuple(ln_bias.shape)),
+        grad(grad_fc1, x, cdt, tuple(fc1_weight.shape)),
+        grad(grad_fc1, x, fc1_bias.dtype, tuple(fc1_bias.shape)),
+        grad(grad_fc2, x, cdt, tuple(fc2_weight.shape)),
+        grad(grad_fc2, x, cdt, (fc2_weight.shape[0],)),
+    )
+
+
+def _public_for(fwd_op):
+    """The public op's signature over a backend's forward op (signature above)."""
+
+    def run(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        residual: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+    ) -> torch.Tensor:
+        # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
+        # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
+        cdt = _compute_dtype(x)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        out, _mean, _rstd, _pre = fwd_op(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, float(eps), save_pre
+        )
+        return out
+
+    return run
+
+
+def _mixed_dtype_reasons(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+) -> list[str]:
+    """Outside autocast the GEMM operands must share one dtype (autocast casts them to its own)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return []
+    gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    if len({t.dtype for t in gemm.values()}) > 1:
+        listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
+        return [f"mixed dtypes outside autocast ({listing})"]
+    return []
+
+
 try:
     from vit_fast.kernels import layernorm_mlp as _kernels
 except Exception as e:  # noqa: BLE001 - any import failure (no triton, a broken install) disables the backend
@@ -153,26 +255,7 @@ else:
             x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre
         )
 
-    @_layernorm_mlp_fwd_triton.register_fake
-    def _(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        residual: torch.Tensor | None,
-        eps: float,
-        save_pre: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cdt = fc1_weight.dtype
-        out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
-        m = x.numel() // x.shape[-1]
-        out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=out_dtype)
-        stat = x.new_empty((m,), dtype=torch.float32)
-        pre = x.new_empty((m, fc1_weight.shape[0]) if save_pre else (0,), dtype=cdt)
-        return out, stat, torch.empty_like(stat), pre
+    _layernorm_mlp_fwd_triton.register_fake(_fwd_fake)
 
     @torch.library.custom_op("vit_fast::layernorm_mlp_bwd_triton", mutates_args=())
     def _layernorm_mlp_bwd_triton(
@@ -195,36 +278,7 @@ else:
             grad_fc2,
         )
 
-    @_layernorm_mlp_bwd_triton.register_fake
-    def _(
-        dout: torch.Tensor,
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        mean: torch.Tensor,
-        rstd: torch.Tensor,
-        pre: torch.Tensor,
-        grad_ln: bool,
-        grad_fc1: bool,
-        grad_fc2: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cdt = fc1_weight.dtype
-
-        def grad(wanted: bool, like: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-            return like.new_empty(shape if wanted else (0,), dtype=dtype)
-
-        return (
-            grad(grad_ln, x, x.dtype, tuple(x.shape)),
-            grad(grad_ln, x, ln_weight.dtype, tuple(ln_weight.shape)),
-            grad(grad_ln, x, ln_bias.dtype, tuple(ln_bias.shape)),
-            grad(grad_fc1, x, cdt, tuple(fc1_weight.shape)),
-            grad(grad_fc1, x, fc1_bias.dtype, tuple(fc1_bias.shape)),
-            grad(grad_fc2, x, cdt, tuple(fc2_weight.shape)),
-            grad(grad_fc2, x, cdt, (fc2_weight.shape[0],)),
-        )
+    _layernorm_mlp_bwd_triton.register_fake(_bwd_fake)
 
     torch.library.register_autograd(
         "vit_fast::layernorm_mlp_fwd_triton",
@@ -250,16 +304,27 @@ else:
             why.append("dropout_p > 0 not supported")
         if x.shape[-1] > _kernels.MAX_C:
             why.append(f"C = {x.shape[-1]} > {_kernels.MAX_C} (the LayerNorm row kernels hold whole rows)")
-        if not torch.is_autocast_enabled(x.device.type):
-            gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight,
-                    "fc2_bias": fc2_bias}
-            if len({t.dtype for t in gemm.values()}) > 1:
-                listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
-                why.append(f"mixed dtypes outside autocast ({listing})")
-        return why
+        return why + _mixed_dtype_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
 
-    @backends.register("layernorm_mlp", "triton", check=_triton_check)
-    def _layernorm_mlp_triton(
+    _layernorm_mlp_triton = backends.register("layernorm_mlp", "triton", check=_triton_check)(
+        _public_for(torch.ops.vit_fast.layernorm_mlp_fwd_triton)
+    )
+
+
+# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
+
+_CUDA_MAX_C = 6144  # the LayerNorm backward keeps per-warp column sums of a row in shared memory
+
+if hasattr(torch.ops.vit_fast, "layernorm_mlp_fwd"):  # the extension loaded and defined the ops
+    torch.library.register_fake("vit_fast::layernorm_mlp_fwd", _fwd_fake)
+    torch.library.register_fake("vit_fast::layernorm_mlp_bwd", _bwd_fake)
+    torch.library.register_autograd(
+        "vit_fast::layernorm_mlp_fwd",
+        _backward_for(torch.ops.vit_fast.layernorm_mlp_bwd),
+        setup_context=_setup_context,
+    )
+
+    def _cuda_check(
         x: torch.Tensor,
         ln_weight: torch.Tensor,
         ln_bias: torch.Tensor,
@@ -271,17 +336,21 @@ else:
         eps: float = 1e-6,
         residual: torch.Tensor | None = None,
         dropout_p: float = 0.0,
-    ) -> torch.Tensor:
-        # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
-        # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
+    ) -> list[str]:
+        why = []
+        if dropout_p > 0:
+            why.append("dropout_p > 0 not supported")
+        if x.shape[-1] > _CUDA_MAX_C:
+            why.append(f"C = {x.shape[-1]} > {_CUDA_MAX_C}")
         cdt = _compute_dtype(x)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
-        params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-        out, _mean, _rstd, _pre = torch.ops.vit_fast.layernorm_mlp_fwd_triton(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, float(eps), save_pre
-        )
-        return out
+        if cdt not in (torch.float16, torch.bfloat16):
+            why.append(f"GEMM dtype {str(cdt).replace('torch.', '')} not supported (tensor-core kernels: float16, "
+                       "bfloat16)")
+        return why + _mixed_dtype_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+    _layernorm_mlp_cuda = backends.register("layernorm_mlp", "cuda", check=_cuda_check)(
+        _public_for(torch.ops.vit_fast.layernorm_mlp_fwd)
+    )
 
 
 def layernorm_mlp(

@@ -132,6 +132,55 @@ def _backward_for(bwd_op: Callable) -> Callable:
     return backward
 
 
+def _fwd_fake(images, weight, bias, cls_token, pos_embed):
+    """Fake of every backend's forward op: the (B, [1+]N, E) token sequence in the reference's dtype."""
+    b, _, h, w = images.shape
+    e, _, ph, pw = weight.shape
+    tokens = (h // ph) * (w // pw) + (cls_token is not None)
+    return images.new_empty((b, tokens, e), dtype=_out_dtype(images, pos_embed))
+
+
+def _bwd_fake(grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad):
+    """Fake of every backend's backward op: each gradient like its input, (0,) when absent or not asked for."""
+
+    def like(t: torch.Tensor | None, wanted: bool = True) -> torch.Tensor:
+        return t.new_empty(t.shape) if t is not None and wanted else grad_out.new_empty((0,))
+
+    return like(images, images_grad), like(weight, weight_grad), like(bias), like(cls_token), like(pos_embed)
+
+
+def _public_for(fwd_op: Callable) -> Callable:
+    """The public op's signature over a backend's forward op."""
+
+    def run(
+        images: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        cls_token: torch.Tensor | None = None,
+        pos_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dt = _autocast_dtype(images.device)
+        if dt is not None:  # the reference's F.conv2d runs in the autocast dtype
+            images, weight = images.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        return fwd_op(images, weight, bias, cls_token, pos_embed)
+
+    return run
+
+
+def _conv_dtype_reasons(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
+    """Outside autocast, weight and bias must have the images' dtype (autocast casts all three to its own)."""
+    if _autocast_dtype(images.device) is not None:
+        return []
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    return [
+        f"{name} dtype {str(t.dtype)[6:]} differs from images dtype {str(images.dtype)[6:]}"
+        for name, t in others
+        if t.dtype != images.dtype
+    ]
+
+
 if _kernels is not None:
 
     @torch.library.custom_op("vit_fast::patch_embed_fwd_triton", mutates_args=())
@@ -152,12 +201,7 @@ if _kernels is not None:
             _out_dtype(images, pos_embed),
         )
 
-    @_patch_embed_fwd_triton.register_fake
-    def _(images, weight, bias, cls_token, pos_embed):
-        b, _, h, w = images.shape
-        e, _, ph, pw = weight.shape
-        tokens = (h // ph) * (w // pw) + (cls_token is not None)
-        return images.new_empty((b, tokens, e), dtype=_out_dtype(images, pos_embed))
+    _patch_embed_fwd_triton.register_fake(_fwd_fake)
 
     @torch.library.custom_op("vit_fast::patch_embed_bwd_triton", mutates_args=())
     def _patch_embed_bwd_triton(
@@ -189,12 +233,7 @@ if _kernels is not None:
             dpos if pos_embed is None else dpos.view(pos_embed.shape),
         )
 
-    @_patch_embed_bwd_triton.register_fake
-    def _(grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad):
-        def like(t: torch.Tensor | None, wanted: bool = True) -> torch.Tensor:
-            return t.new_empty(t.shape) if t is not None and wanted else grad_out.new_empty((0,))
-
-        return like(images, images_grad), like(weight, weight_grad), like(bias), like(cls_token), like(pos_embed)
+    _patch_embed_bwd_triton.register_fake(_bwd_fake)
 
     torch.library.register_autograd(
         "vit_fast::patch_embed_fwd_triton",
@@ -210,31 +249,43 @@ if _kernels is not None:
         cls_token: torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
     ) -> list[str]:
-        why = []
+        why = _conv_dtype_reasons(images, weight, bias)
         autocast = _autocast_dtype(images.device)
-        if autocast is None:  # autocast casts images, weight and bias to one dtype, as it does for F.conv2d
-            others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-            for name, t in others:
-                if t.dtype != images.dtype:
-                    why.append(f"{name} dtype {str(t.dtype)[6:]} differs from images dtype {str(images.dtype)[6:]}")
         if images.device.type == "cpu" and (autocast or images.dtype) == torch.bfloat16:
             why.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
         return why
 
-    @backends.register("patch_embed", "triton", check=_triton_check)
-    def _patch_embed_triton(
+    _patch_embed_triton = backends.register("patch_embed", "triton", check=_triton_check)(
+        _public_for(torch.ops.vit_fast.patch_embed_fwd_triton)
+    )
+
+
+# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
+
+if hasattr(torch.ops.vit_fast, "patch_embed_fwd"):  # the extension loaded and defined the ops
+    torch.library.register_fake("vit_fast::patch_embed_fwd", _fwd_fake)
+    torch.library.register_fake("vit_fast::patch_embed_bwd", _bwd_fake)
+    torch.library.register_autograd(
+        "vit_fast::patch_embed_fwd", _backward_for(torch.ops.vit_fast.patch_embed_bwd), setup_context=_setup_context
+    )
+
+    def _cuda_check(
         images: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         *,
         cls_token: torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        dt = _autocast_dtype(images.device)
-        if dt is not None:  # the reference's F.conv2d runs in the autocast dtype
-            images, weight = images.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        return torch.ops.vit_fast.patch_embed_fwd_triton(images, weight, bias, cls_token, pos_embed)
+    ) -> list[str]:
+        why = _conv_dtype_reasons(images, weight, bias)
+        dt = _autocast_dtype(images.device) or images.dtype
+        if dt not in (torch.float16, torch.bfloat16):
+            why.append(f"GEMM dtype {str(dt)[6:]} not supported (tensor-core kernels: float16, bfloat16)")
+        return why
+
+    _patch_embed_cuda = backends.register("patch_embed", "cuda", check=_cuda_check)(
+        _public_for(torch.ops.vit_fast.patch_embed_fwd)
+    )
 
 
 def patch_embed(
