@@ -277,3 +277,126 @@ def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
         assert os.path.isfile(os.path.join(overlay, "vit_fast", "kernels", "__init__.py"))
         assert all(env["PYTHONPATH"].split(os.pathsep)[0] == overlay for _, _, env, _ in ran[2:])
         assert "| 2 build | FAIL |" in text and "source tree" in text
+
+
+# ---------------------------------------------------------------------------------------------- op targets
+
+H200 = {"type": "cuda", "name": "NVIDIA H200"}
+PEAKS = {"matmul_tflops": {"bfloat16": 790.0}, "bandwidth_gbps": 4300.0}
+
+
+def _case(op: str, mode: str, shape: dict, providers: dict) -> list[dict]:
+    """The rows `vit-fast bench` writes for one bf16 case: provider -> median ms, or 'skipped' / 'failed'."""
+    bench_op = bench.OP_BENCHES[op]
+    rows = []
+    for name, ms in providers.items():
+        kind = "vit_fast" if name.startswith("vit_fast:") else "baseline"
+        row = bench._row("op", op, bench.Provider(name, kind), mode, torch.bfloat16, dict(shape), bench_op.label(shape))
+        row["tokens"] = bench_op.tokens(shape)
+        if isinstance(ms, str):
+            row.update(status=ms, reason="for a reason")
+        else:
+            bench._derive(row, bench.Timing(ms, ms, ms, ms, None), bench_op.flops(shape, mode),
+                          bench_op.bytes(shape, mode, 2), PEAKS)
+        rows.append(row)
+    return rows
+
+
+def _status(rows: list[dict], device: dict = H200) -> dict[str, dict]:
+    bench.add_speedups(rows)
+    return {t["target"]: t for t in bench.target_status({"environment": {"device": device}, "rows": rows})}
+
+
+def _target(op: str, mode: str) -> str:
+    (what,) = [t.what for t in bench.TARGETS if getattr(t, "op", None) == op and t.mode == mode]
+    return what
+
+
+ATTENTION_SHAPES = [(h, n, d) for h, d in ((12, 64), (16, 80)) for n in (197, 257, 577)]
+
+
+def _attention(mode: str, ratio: dict, batch: int = 64, triton: float | str = 1.0, sdpa: str | None = None,
+               shapes=ATTENTION_SHAPES) -> list[dict]:
+    """Attention rows where vit_fast:triton takes 1 ms and the fastest SDPA kernel ``ratio[(N, D)]`` ms (1.5
+    by default); the reference backend, sdpa:math and the compiled reference are faster still: none of them
+    counts (ours is a kernel backend, the baseline an SDPA kernel)."""
+    rows = []
+    for h, n, d in shapes:
+        r = ratio.get((n, d), 1.5)
+        rows += _case("attention", mode, {"B": batch, "H": h, "N": n, "D": d}, {
+            "vit_fast:reference": 0.1, "vit_fast:triton": triton, "vit_fast:cuda": "skipped",
+            "sdpa:flash": sdpa or 1.1 * r, "sdpa:efficient": sdpa or r, "sdpa:cudnn": "skipped", "sdpa:math": 0.2,
+            "compiled:reference": 0.3})
+    return rows
+
+
+def test_attention_targets_take_the_worst_shape_at_the_largest_batch():
+    rows = _attention("fwd", {(577, 80): 1.35}) + _attention("fwd", {(197, 64): 0.5}, batch=8) \
+        + _attention("fwd+bwd", {(257, 64): 1.1, (577, 80): 1.15})
+    status = _status(rows)
+    fwd, both = status[_target("attention", "fwd")], status[_target("attention", "fwd+bwd")]
+    assert fwd["status"] == "met", fwd
+    assert fwd["measured"] == "worst 1.35x sdpa:efficient (vit_fast:triton) at B64 H16 N577 D80 on NVIDIA H200"
+    assert ">= 1.30x the fastest of sdpa:flash/sdpa:efficient/sdpa:cudnn" in fwd["required"]
+    assert both["status"] == ("missed (-8% on the ratio to the fastest of sdpa:flash/sdpa:efficient/sdpa:cudnn "
+                              "at B64 H12 N257 D64, 2 of 6 shapes below)"), both
+    assert both["measured"].startswith("worst 1.10x sdpa:efficient (vit_fast:triton) at B64 H12 N257 D64")
+    assert ">= 1.20x" in both["required"]
+
+
+def test_attention_targets_not_measured():
+    old_quick_grid = [(12, 197, 64), (12, 577, 64), (16, 257, 80)]
+    t = _status(_attention("fwd", {}, shapes=old_quick_grid))[_target("attention", "fwd")]
+    assert t["status"] == "not measured (shape not in this run)", t
+    assert "not in this run: N257 D64, N197 D80, N577 D80" in t["measured"]
+    every = "B64 H12 N197 D64, B64 H12 N257 D64, B64 H12 N577 D64, B64 H16 N197 D80, B64 H16 N257 D80, B64 H16 N577 D80"
+    t = _status(_attention("fwd", {}, triton="skipped"))[_target("attention", "fwd")]
+    assert t["status"] == ("not measured (no vit_fast kernel ran (vit_fast:triton skipped, vit_fast:cuda skipped) "
+                           f"at {every})") and t["measured"] == "-", t
+    t = _status(_attention("fwd", {}, sdpa="skipped"))[_target("attention", "fwd")]
+    assert t["status"] == f"not measured (no sdpa:flash/sdpa:efficient/sdpa:cudnn row at {every})", t
+    # a shape missed is a miss even when another is absent; a kernel that disagrees with the reference misses
+    t = _status(_attention("fwd", {(197, 64): 1.0}, shapes=old_quick_grid))[_target("attention", "fwd")]
+    assert t["status"].startswith("missed (-23% on the ratio") and "not in this run: N257 D64" in t["measured"], t
+    t = _status(_attention("fwd", {}, triton="failed"))[_target("attention", "fwd")]
+    assert t["status"] == f"missed (vit_fast:triton failed at {every})", t
+
+
+def test_layernorm_mlp_patch_embed_and_layer_norm_targets():
+    mlp = {"B": 64, "N": 197, "C": 768, "hidden": 3072}
+    patch = {"B": 256, "in_chans": 3, "img": 224, "P": 16, "E": 768}
+    ln = {"B": 256, "N": 197, "C": 768}
+    ln_ms = bench.OP_BENCHES["layer_norm"].bytes(ln, "fwd", 2) / 3.5e12 * 1e3  # 3,500 GB/s
+    rows = (_case("layernorm_mlp", "fwd", mlp, {"vit_fast:cuda": 1.0, "eager": 1.4, "compiled": 1.2})
+            + _case("layernorm_mlp", "fwd+bwd", mlp, {"vit_fast:triton": 1.0, "eager": 1.4, "compiled": 1.0})
+            + _case("patch_embed", "fwd", patch, {"vit_fast:triton": 1.0, "eager": 2.7, "compiled": 0.9})
+            + _case("patch_embed", "fwd+bwd", patch, {"vit_fast:triton": 1.0, "eager": 2.0})
+            + _case("layer_norm", "fwd", ln, {"vit_fast:reference": ln_ms / 2, "vit_fast:triton": ln_ms,
+                                               "eager:F.layer_norm": ln_ms * 1.1}))
+    status = _status(rows)
+    t = status[_target("layernorm_mlp", "fwd")]
+    assert t["status"] == "met" and t["measured"] == "1.40x eager (vit_fast:cuda) at B64 N197 C768 hidden3072; " \
+        "1.20x compiled (vit_fast:cuda) at B64 N197 C768 hidden3072 on NVIDIA H200", t
+    assert status[_target("layernorm_mlp", "fwd+bwd")]["status"] == \
+        "missed (-9% on the ratio to compiled at B64 N197 C768 hidden3072)"
+    t = status[_target("patch_embed", "fwd")]
+    assert t["status"] == "missed (-10% on the ratio to eager at B256 img224 P16 E768)", t  # compiled is no bar
+    t = status[_target("patch_embed", "fwd+bwd")]
+    assert t["status"] == "reported (no target)" and t["measured"].startswith("2.00x eager (vit_fast:triton)"), t
+    t = status[_target("layer_norm", "fwd")]
+    assert t["status"] == "met" and t["measured"].startswith("3,500 GB/s (vit_fast:triton) at B256 N197 C768"), t
+    assert t["required"] == ">= 3,300 GB/s"
+    slow = _case("layer_norm", "fwd", ln, {"vit_fast:triton": ln_ms * 3.5 / 3.0, "eager:F.layer_norm": ln_ms})
+    assert _status(slow)[_target("layer_norm", "fwd")]["status"] == "missed (-9% on GB/s at B256 N197 C768)"
+    small = _case("layer_norm", "fwd", {"B": 8, "N": 197, "C": 768}, {"vit_fast:triton": 0.01, "eager:F.layer_norm": 1})
+    assert _status(small)[_target("layer_norm", "fwd")]["status"] == "not measured (shape not in this run)"
+    cpu = _status(rows, {"type": "cpu", "name": "a CPU"})
+    assert all(t["status"] == "not measured" and t["measured"] == "-" for t in cpu.values())
+
+
+def test_gpu_grids_hold_every_op_target_shape():
+    for t in bench.TARGETS:
+        if isinstance(t, bench.OpTarget):
+            for quick in (True, False):
+                shapes = bench.OP_BENCHES[t.op].shapes(quick, True)
+                assert all(any(s.matches(shape) for shape in shapes) for s in t.shapes), (t.what, quick)
