@@ -61,3 +61,19 @@ def probability(name: str, p: float) -> float:
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the references compute in with ``upcast=True``: float64 stays, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``t`` runs in: autocast's when autocast is on for t's device, else t's own.
+
+    Custom ops do not see autocast, so the backends' wrappers cast their GEMM operands to this themselves.
+    """
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def tensor_core_reasons(dtype: torch.dtype) -> list[str]:
+    """Why a tensor-core-only (fp16/bf16) kernel cannot run GEMMs in ``dtype``; empty when it can."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return []
+    return [f"GEMM dtype {str(dtype).replace('torch.', '')} not supported (tensor-core kernels: float16, bfloat16)"]

@@ -196,11 +196,7 @@ if hasattr(torch.ops.vit_fast, "attention_fwd"):  # the extension loaded and def
             why.append("dropout_p > 0 not supported")
         if q.shape[-1] not in _CUDA_HEAD_DIMS:
             why.append(f"head dim {q.shape[-1]} not in {', '.join(map(str, _CUDA_HEAD_DIMS))}")
-        device = q.device.type
-        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-        if dt not in (torch.float16, torch.bfloat16):
-            why.append(f"dtype {str(dt).replace('torch.', '')} not supported (tensor-core kernels: float16, bfloat16)")
-        return why
+        return why + _checks.tensor_core_reasons(_checks.matmul_dtype(q))
 
     _attention_cuda = backends.register("attention", "cuda", check=_cuda_check)(
         _public_for(torch.ops.vit_fast.attention_fwd)

@@ -124,12 +124,6 @@ def _backward_for(bwd_op):
     return backward
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The GEMMs' dtype: autocast's when it is on (as the reference gets from autocast), else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 # Fake (meta) implementations, shared by every backend's forward and backward ops (signatures above).
 
 
@@ -203,7 +197,7 @@ def _public_for(fwd_op):
     ) -> torch.Tensor:
         # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
         # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
-        cdt = _compute_dtype(x)
+        cdt = _checks.matmul_dtype(x)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
         params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
         save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
@@ -342,10 +336,7 @@ if hasattr(torch.ops.vit_fast, "layernorm_mlp_fwd"):  # the extension loaded and
             why.append("dropout_p > 0 not supported")
         if x.shape[-1] > _CUDA_MAX_C:
             why.append(f"C = {x.shape[-1]} > {_CUDA_MAX_C}")
-        cdt = _compute_dtype(x)
-        if cdt not in (torch.float16, torch.bfloat16):
-            why.append(f"GEMM dtype {str(cdt).replace('torch.', '')} not supported (tensor-core kernels: float16, "
-                       "bfloat16)")
+        why += _checks.tensor_core_reasons(_checks.matmul_dtype(x))
         return why + _mixed_dtype_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
 
     _layernorm_mlp_cuda = backends.register("layernorm_mlp", "cuda", check=_cuda_check)(

@@ -249,11 +249,7 @@ if _kernels is not None:
         cls_token: torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
     ) -> list[str]:
-        why = _conv_dtype_reasons(images, weight, bias)
-        autocast = _autocast_dtype(images.device)
-        if images.device.type == "cpu" and (autocast or images.dtype) == torch.bfloat16:
-            why.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
-        return why
+        return _conv_dtype_reasons(images, weight, bias)
 
     _patch_embed_triton = backends.register("patch_embed", "triton", check=_triton_check)(
         _public_for(torch.ops.vit_fast.patch_embed_fwd_triton)
@@ -277,11 +273,7 @@ if hasattr(torch.ops.vit_fast, "patch_embed_fwd"):  # the extension loaded and d
         cls_token: torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
     ) -> list[str]:
-        why = _conv_dtype_reasons(images, weight, bias)
-        dt = _autocast_dtype(images.device) or images.dtype
-        if dt not in (torch.float16, torch.bfloat16):
-            why.append(f"GEMM dtype {str(dt)[6:]} not supported (tensor-core kernels: float16, bfloat16)")
-        return why
+        return _conv_dtype_reasons(images, weight, bias) + _checks.tensor_core_reasons(_checks.matmul_dtype(images))
 
     _patch_embed_cuda = backends.register("patch_embed", "cuda", check=_cuda_check)(
         _public_for(torch.ops.vit_fast.patch_embed_fwd)
