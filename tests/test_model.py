@@ -229,3 +229,33 @@ def test_triton_model_trains_end_to_end():
             opt.step()
             losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_autocast_bf16_training_loss_curve_matches_the_reference(backend):
+    """A few AdamW steps of a ViT-S-shaped model under bf16 autocast: the loss curve follows the reference's."""
+    x = torch.randn(16, 3, 64, 64, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    probe = torch.empty(1, 6, 17, 64, device="cuda", dtype=torch.bfloat16)
+    why = vit_fast.backends.reasons(backend, "attention", (probe, probe, probe), {})
+    if why:
+        pytest.skip(f"{backend} cannot run here: " + "; ".join(why))
+    curves = {}
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        m = vit_fast.create_model("vit_small_patch16_224", img_size=64, depth=4, num_classes=10).cuda()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        losses = []
+        with vit_fast.set_backend(name):
+            for _ in range(8):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        curves[name] = losses
+    ref, got = torch.tensor(curves["reference"]), torch.tensor(curves[backend])
+    assert torch.isfinite(got).all() and got[-1] < got[0], curves
+    assert ((got - ref).abs() <= 0.05 * ref.abs() + 0.02).all(), curves
