@@ -10,8 +10,10 @@
 3. the GPU tests: ``pytest -m cuda``; a failure (or a collection error) is reported, never hidden;
 4. the quick benchmarks: ``vit-fast bench --quick``, then the regression check against the newest run of the
    same GPU committed under benchmarks/results/;
-5. everything (results.json, report.md, plots, logs, summary) in ``$OUT/<date>_<gpu>_<commit>/`` when OUT is
-   set, else in ``benchmarks/results/<date>_<gpu>_<commit>/``; a summary table last.
+5. everything (results.json, report.md, plots, logs, summary) in ``benchmarks/results/<date>_<gpu>_<commit>/``;
+   when OUT is set (a remote GPU machine that returns only a few files), the folder is written elsewhere and
+   delivered as ``$OUT/<name>.tar.gz`` plus ``$OUT/summary.md`` and ``$OUT/results.json``, refreshed after every
+   step so that a run cut short still returns what it did; a summary table last.
 
 Without a GPU, steps 2-4 are skipped with a message, so the script can be tried anywhere first. Each step
 has a time limit taken from one deadline (``--deadline-s``, 7 minutes by default) so that the whole run
@@ -32,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -83,13 +86,31 @@ def environment(commit: str | None = None) -> dict:
 
 
 def run_dir(env: dict) -> str:
-    """``$OUT/<date>_<gpu>_<commit>`` (or under benchmarks/results/ without OUT)."""
-    base = os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+    """``benchmarks/results/<date>_<gpu>_<commit>``, or a folder of that name in a temporary place when OUT is
+    set (see :func:`deliver`)."""
+    base = tempfile.mkdtemp(prefix="gpu_check_") if os.environ.get("OUT") else os.path.join(REPO, "benchmarks",
+                                                                                          "results")
     gpu = re.sub(r"[^a-z0-9]+", "-", env.get("gpu", "no-gpu").lower()).strip("-")
     name = f"{env['time'][:10]}_{gpu}_{env['git_commit'] or 'unknown-commit'}{'-dirty' if env['git_dirty'] else ''}"
     path = os.path.join(base, name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def deliver(out: str) -> None:
+    """With OUT set: the run folder as ``$OUT/<name>.tar.gz`` (unpack it under benchmarks/results/ to commit),
+    plus summary.md and results.json beside it: a remote machine returns a few files, not a folder tree."""
+    dest = os.environ.get("OUT")
+    if not dest:
+        return
+    name = os.path.basename(out)
+    tmp = os.path.join(dest, f".{name}.tar.gz.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=name)
+    os.replace(tmp, os.path.join(dest, f"{name}.tar.gz"))
+    for keep in ("summary.md", "results.json"):
+        if os.path.exists(os.path.join(out, keep)):
+            shutil.copyfile(os.path.join(out, keep), os.path.join(dest, keep))
 
 
 def run_logged(cmd: Sequence[str], log: str, timeout: float, env: dict | None = None,
@@ -130,6 +151,7 @@ class Check:
         self.start = time.perf_counter()
         self.deadline_s = deadline_s
         self.steps: list[dict] = []
+        self.out: str | None = None  # the run folder, delivered after every step
 
     def left(self) -> float:
         return self.deadline_s - (time.perf_counter() - self.start)
@@ -137,6 +159,8 @@ class Check:
     def record(self, step: str, status: str, seconds: float, detail: str) -> None:
         self.steps.append({"step": step, "status": status, "seconds": round(seconds, 1), "detail": detail})
         print(f"[{status}] {step} ({seconds:.0f} s): {detail}", flush=True)
+        if self.out:
+            deliver(self.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     env = environment(args.commit)
-    out = run_dir(env)
+    out = check.out = run_dir(env)
     with open(os.path.join(out, "env.json"), "w") as f:
         json.dump(env, f, indent=1)
     check.record("1 environment", "PASS", time.perf_counter() - t0,
@@ -181,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f.write(text + "\n")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"environment": env, "steps": check.steps, "total_s": total}, f, indent=1)
+    deliver(out)
     print("\n" + text, flush=True)
     return 1 if failed else 0
 
