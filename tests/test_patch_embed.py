@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from sm90 import compile_for_sm90
 from tolerances import assert_scaled_close
 
 import vit_fast
@@ -461,28 +462,11 @@ print("compiled")
 """
 
 
-def _compile_for_sm90(which: str) -> None:
-    """Lower the kernels to sm_90 machine code with the NVIDIA backend (no GPU needed): catches type and lowering
-    errors that the interpreter lets through."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, which], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
-
-
 @needs_triton
 def test_kernels_compile_for_sm90():
-    _compile_for_sm90("one")
+    compile_for_sm90(_COMPILE_SCRIPT, "one")
 
 
 @pytest.mark.slow
 def test_every_config_compiles_for_sm90():
-    _compile_for_sm90("all")
+    compile_for_sm90(_COMPILE_SCRIPT, "all")

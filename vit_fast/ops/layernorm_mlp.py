@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -209,21 +211,37 @@ def _public_for(fwd_op):
     return run
 
 
-def _mixed_dtype_reasons(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-) -> list[str]:
-    """Outside autocast the GEMM operands must share one dtype (autocast casts them to its own)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return []
-    gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
-    if len({t.dtype for t in gemm.values()}) > 1:
-        listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
-        return [f"mixed dtypes outside autocast ({listing})"]
-    return []
+def _check_for(max_c: int, why_max_c: str, tensor_cores_only: bool) -> Callable[..., list[str]]:
+    """A kernel backend's reasons for refusing inputs, given its widest row and whether it needs fp16/bf16 GEMMs."""
+
+    def check(
+        x: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        residual: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+    ) -> list[str]:
+        why = []
+        if dropout_p > 0:
+            why.append("dropout_p > 0 not supported")
+        if x.shape[-1] > max_c:
+            why.append(f"C = {x.shape[-1]} > {max_c} ({why_max_c})")
+        if tensor_cores_only:
+            why += _checks.tensor_core_reasons(_checks.matmul_dtype(x))
+        # Outside autocast the GEMM operands must share one dtype (autocast casts them to its own).
+        gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+        if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in gemm.values()}) > 1:
+            listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
+            why.append(f"mixed dtypes outside autocast ({listing})")
+        return why
+
+    return check
 
 
 try:
@@ -280,25 +298,7 @@ else:
         setup_context=_setup_context,
     )
 
-    def _triton_check(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        *,
-        eps: float = 1e-6,
-        residual: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-    ) -> list[str]:
-        why = []
-        if dropout_p > 0:
-            why.append("dropout_p > 0 not supported")
-        if x.shape[-1] > _kernels.MAX_C:
-            why.append(f"C = {x.shape[-1]} > {_kernels.MAX_C} (the LayerNorm row kernels hold whole rows)")
-        return why + _mixed_dtype_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _triton_check = _check_for(_kernels.MAX_C, "the LayerNorm row kernels hold whole rows", False)
 
     _layernorm_mlp_triton = backends.register("layernorm_mlp", "triton", check=_triton_check)(
         _public_for(torch.ops.vit_fast.layernorm_mlp_fwd_triton)
@@ -318,26 +318,7 @@ if hasattr(torch.ops.vit_fast, "layernorm_mlp_fwd"):  # the extension loaded and
         setup_context=_setup_context,
     )
 
-    def _cuda_check(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        *,
-        eps: float = 1e-6,
-        residual: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-    ) -> list[str]:
-        why = []
-        if dropout_p > 0:
-            why.append("dropout_p > 0 not supported")
-        if x.shape[-1] > _CUDA_MAX_C:
-            why.append(f"C = {x.shape[-1]} > {_CUDA_MAX_C}")
-        why += _checks.tensor_core_reasons(_checks.matmul_dtype(x))
-        return why + _mixed_dtype_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _cuda_check = _check_for(_CUDA_MAX_C, "the LayerNorm backward keeps a row's column sums in shared memory", True)
 
     _layernorm_mlp_cuda = backends.register("layernorm_mlp", "cuda", check=_cuda_check)(
         _public_for(torch.ops.vit_fast.layernorm_mlp_fwd)
