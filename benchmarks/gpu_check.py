@@ -104,6 +104,7 @@ def deliver(out: str) -> None:
     if not dest:
         return
     name = os.path.basename(out)
+    os.makedirs(dest, exist_ok=True)
     tmp = os.path.join(dest, f".{name}.tar.gz.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(out, arcname=name)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -225,8 +226,14 @@ def test_gpu_check_without_a_gpu_skips_the_gpu_steps(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "skipping build, GPU tests, benchmarks" in out.stdout
     assert out.stdout.rstrip().splitlines()[-1].startswith("total")  # the summary table comes last
-    (run,) = os.listdir(tmp_path)
-    assert "no-gpu" in run and {"env.json", "summary.md", "summary.json"} <= set(os.listdir(tmp_path / run))
+    # OUT gets the run folder as one tarball plus its summary (a remote machine returns a few files)
+    delivered = set(os.listdir(tmp_path))
+    (tarball,) = [f for f in delivered if f.endswith(".tar.gz")]
+    assert "no-gpu" in tarball and delivered == {tarball, "summary.md"}
+    run = tarball[: -len(".tar.gz")]
+    with tarfile.open(tmp_path / tarball) as tar:
+        names = set(tar.getnames())
+    assert {f"{run}/env.json", f"{run}/summary.md", f"{run}/summary.json"} <= names
 
 
 @pytest.mark.parametrize("installed", [True, False])
@@ -268,7 +275,7 @@ def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
     bench_cmd, bench_limit = ran[4][0], ran[4][1]
     assert float(bench_cmd[bench_cmd.index("--budget-s") + 1]) < bench_limit
     assert "| 3 GPU tests | FAIL |" in text and "1 failed, 3 passed" in text
-    assert os.path.isdir(tmp_path / "out" / "2026-01-01_nvidia-h200_abc1234")
+    assert set(os.listdir(tmp_path / "out")) == {"2026-01-01_nvidia-h200_abc1234.tar.gz", "summary.md", "results.json"}
     cwds = {cwd for *_, cwd in ran[2:]}
     if installed:
         assert cwds == {gc.REPO} and "| 2 build | PASS |" in text
