@@ -43,6 +43,15 @@ PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINT_FORMAT = 1
 _CKPT_NAME = re.compile(r"step_(\d{8,})\.pt")
 
+# CIFAR from scratch: the strong augmentation and regularization small ViTs need on 50k images.
+_CIFAR: dict[str, object] = dict(
+    model="vit_tiny_patch4_32", epochs=200, batch_size=512, lr=1e-3, min_lr=1e-5, weight_decay=0.05,
+    warmup_epochs=10.0, clip_grad=1.0, label_smoothing=0.1, drop_path=0.1,
+    crop="pad", crop_padding=4, crop_scale=1.0, hflip=0.5, color_jitter=0.0,
+    randaugment_ops=2, randaugment_magnitude=9, random_erasing=0.25, mixup=0.8, cutmix=1.0,
+    workers=8, threads=0, ckpt_every=1000,
+)
+
 # Per-dataset defaults of the recipe flags (a flag left unset takes its dataset's value).
 RECIPES: dict[str, dict[str, object]] = {
     # 1437 training images of 8x8: a plain ViT learns them from scratch when the images move a little each
@@ -55,21 +64,9 @@ RECIPES: dict[str, dict[str, object]] = {
         randaugment_ops=0, randaugment_magnitude=9, random_erasing=0.0, mixup=0.0, cutmix=0.0,
         workers=1, threads=1, ckpt_every=500,
     ),
-    # CIFAR from scratch: the strong augmentation and regularization small ViTs need on 50k images.
-    "cifar10": dict(
-        model="vit_tiny_patch4_32", epochs=200, batch_size=512, lr=1e-3, min_lr=1e-5, weight_decay=0.05,
-        warmup_epochs=10.0, clip_grad=1.0, label_smoothing=0.1, drop_path=0.1,
-        crop="pad", crop_padding=4, crop_scale=1.0, hflip=0.5, color_jitter=0.0,
-        randaugment_ops=2, randaugment_magnitude=9, random_erasing=0.25, mixup=0.8, cutmix=1.0,
-        workers=8, threads=0, ckpt_every=1000,
-    ),
-    "cifar100": dict(
-        model="vit_small_patch4_32", epochs=300, batch_size=512, lr=1e-3, min_lr=1e-5, weight_decay=0.05,
-        warmup_epochs=10.0, clip_grad=1.0, label_smoothing=0.1, drop_path=0.1,
-        crop="pad", crop_padding=4, crop_scale=1.0, hflip=0.5, color_jitter=0.0,
-        randaugment_ops=2, randaugment_magnitude=9, random_erasing=0.25, mixup=0.8, cutmix=1.0,
-        workers=8, threads=0, ckpt_every=1000,
-    ),
+    "cifar10": _CIFAR,
+    # CIFAR-100: the same recipe with a wider model and more epochs (100 classes of 500 images each).
+    "cifar100": {**_CIFAR, "model": "vit_small_patch4_32", "epochs": 300},
     # Photos of any size (DeiT-style recipe); for fine-tuning add --init and a --layer-decay near 0.65.
     "imagefolder": dict(
         model="vit_small_patch16_224", epochs=100, batch_size=256, lr=5e-4, min_lr=1e-6, weight_decay=0.05,

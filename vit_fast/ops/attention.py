@@ -118,10 +118,8 @@ def _public_for(fwd_op):
     def run(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
     ) -> torch.Tensor:
-        device = q.device.type
-        if torch.is_autocast_enabled(device):  # custom ops do not see autocast: cast as it would for SDPA
-            dt = torch.get_autocast_dtype(device)
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        dt = _checks.matmul_dtype(q)  # custom ops do not see autocast: cast as it would for SDPA
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         out, _lse = fwd_op(q, k, v, _resolve_scale(q, scale))
         return out
 
