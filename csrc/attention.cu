@@ -569,6 +569,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 }  // namespace vit_fast
 
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("attention_fwd", &vit_fast::attention_fwd);
-  m.impl("attention_bwd", &vit_fast::attention_bwd);
+  m.impl("attention_fwd_cuda", &vit_fast::attention_fwd);
+  m.impl("attention_bwd_cuda", &vit_fast::attention_bwd);
 }

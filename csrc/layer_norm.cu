@@ -395,6 +395,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
 }  // namespace vit_fast
 
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("layer_norm_fwd", &vit_fast::layer_norm_fwd);
-  m.impl("layer_norm_bwd", &vit_fast::layer_norm_bwd);
+  m.impl("layer_norm_fwd_cuda", &vit_fast::layer_norm_fwd);
+  m.impl("layer_norm_bwd_cuda", &vit_fast::layer_norm_bwd);
 }

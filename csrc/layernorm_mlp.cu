@@ -401,6 +401,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace vit_fast
 
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("layernorm_mlp_fwd", &vit_fast::layernorm_mlp_fwd);
-  m.impl("layernorm_mlp_bwd", &vit_fast::layernorm_mlp_bwd);
+  m.impl("layernorm_mlp_fwd_cuda", &vit_fast::layernorm_mlp_fwd);
+  m.impl("layernorm_mlp_bwd_cuda", &vit_fast::layernorm_mlp_bwd);
 }

@@ -318,6 +318,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
 }  // namespace vit_fast
 
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("patch_embed_fwd", &vit_fast::patch_embed_fwd);
-  m.impl("patch_embed_bwd", &vit_fast::patch_embed_bwd);
+  m.impl("patch_embed_fwd_cuda", &vit_fast::patch_embed_fwd);
+  m.impl("patch_embed_bwd_cuda", &vit_fast::patch_embed_bwd);
 }

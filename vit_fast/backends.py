@@ -1,9 +1,11 @@
 """The one dispatch point: which implementation runs each op.
 
 Backends: ``reference`` (pure PyTorch, runs everywhere), ``triton`` (kernels/), ``cuda`` (vit_fast._C), and
-``auto``. For an op and its inputs every backend answers a list of reasons why it cannot run them; ``auto``
-walks a per-device priority list and takes the first backend with none (``reference`` always qualifies). An
-explicitly chosen backend that cannot run raises :class:`BackendUnavailableError` with all of its reasons.
+``auto``. Each kernel backend declares, per op, its :class:`Limits` as data; from them and the inputs it
+answers a list of reasons why it cannot run them. :func:`pick` is the one function that chooses: ``auto``
+walks a per-device priority list and takes the first backend with no reason (``reference`` always qualifies);
+an explicitly chosen backend that cannot run raises :class:`BackendUnavailableError` with every reason.
+:func:`explain` reports what :func:`pick` chose, for example inputs or for a model on real inputs.
 
 Selection reads only module globals set at import (what is installed and built) and the inputs' device,
 dtype and shapes, so under ``torch.compile`` it becomes guards, not graph breaks. Nothing here queries the
@@ -12,9 +14,10 @@ GPU at import time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +25,8 @@ from torch.utils._pytree import tree_map_only
 
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
 CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
-OPS: tuple[str, ...] = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
-KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+HALF: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+FLOATS: tuple[torch.dtype, ...] = (*HALF, torch.float32)
 
 # auto's priority per device type. The CUDA C++ kernels join the CUDA list once they have passed the GPU
 # tests on real hardware; on CPU the reference (PyTorch's own CPU kernels) is the fast path, the Triton
@@ -34,32 +37,111 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
+RAISES = "(raises)"  # what explain() reports as the pick where the backend set explicitly cannot run
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly chosen backend cannot run an op on the given inputs."""
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---- limits as data -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What an op's inputs tell the limits: read once per call by the op's ``facts`` function."""
+
+    gemm_dtype: torch.dtype | None = None  # the dtype its matmuls run in (autocast's when it is on)
+    head_dim: int | None = None
+    width: int | None = None  # the row length a row-wise kernel holds (LayerNorm's C)
+    dropout_p: float = 0.0
+    mismatch: tuple[str, ...] = ()  # the op's own reasons no kernel takes (mixed dtypes outside autocast, ...)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one backend's kernels for one op can run. The reasons it refuses inputs are made from these."""
+
+    devices: tuple[str, ...] = ("cuda",)
+    dtypes: tuple[torch.dtype, ...] = FLOATS  # of every tensor argument
+    gemm_dtypes: tuple[torch.dtype, ...] | None = None  # None: the matmuls may run in any of ``dtypes``
+    head_dims: Collection[int] | None = None
+    max_width: int | None = None
+    width_note: str = ""
+    dropout: bool = False
+    min_capability: tuple[int, int] = (8, 0)
+
+    def reasons(self, facts: Facts, device: torch.device, dtypes: set[torch.dtype]) -> list[str]:
+        why = []
+        if device.type not in self.devices:
+            why.append(f"device {device.type} not supported (needs {' or '.join(self.devices)})")
+        elif device.type == "cuda" and torch.cuda.is_available():
+            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+            if cap < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                why.append(f"compute capability {cap[0]}.{cap[1]} < {need}")
+        bad = sorted(_dtype_name(d) for d in dtypes if d not in self.dtypes)
+        if bad:
+            why.append(f"dtype {', '.join(bad)} not supported ({', '.join(map(_dtype_name, self.dtypes))})")
+        if self.gemm_dtypes is not None and facts.gemm_dtype is not None and facts.gemm_dtype not in self.gemm_dtypes:
+            allowed = ", ".join(map(_dtype_name, self.gemm_dtypes))
+            why.append(f"GEMM dtype {_dtype_name(facts.gemm_dtype)} not supported (tensor-core kernels: {allowed})")
+        if self.head_dims is not None and facts.head_dim is not None and facts.head_dim not in self.head_dims:
+            if isinstance(self.head_dims, range):
+                allowed = f"{self.head_dims.start}..{self.head_dims.stop - 1}"
+            else:
+                allowed = ", ".join(map(str, self.head_dims))
+            why.append(f"head dim {facts.head_dim} not supported ({allowed})")
+        if self.max_width is not None and facts.width is not None and facts.width > self.max_width:
+            note = f" ({self.width_note})" if self.width_note else ""
+            why.append(f"width C = {facts.width} > {self.max_width}{note}")
+        if facts.dropout_p > 0 and not self.dropout:
+            why.append("dropout_p > 0 not supported")
+        return why + list(facts.mismatch)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}  # asked once per device, at the first pick on it, never at import
+
+
+def _capability(index: int) -> tuple[int, int]:
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Impl:
-    """One backend's implementation of one op.
-
-    ``check(*args, **kwargs)`` returns op-specific reasons (shapes, flags) why it cannot run these inputs;
-    generic device/dtype/availability reasons are added by the dispatcher.
-    """
+    """One backend's implementation of one op: the public-signature function and its limits (None for the
+    reference, which runs everything)."""
 
     fn: Callable
-    check: Callable[..., list[str]] | None = None
+    limits: Limits | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class OpInfo:
-    """What the dispatcher knows of an op: how to build example inputs for :func:`explain`."""
+    """What the dispatcher knows of an op: how to read its inputs' facts, example inputs for :func:`explain`,
+    and its implementations by backend."""
 
+    facts: Callable[..., Facts]
     example: Callable[[torch.dtype], tuple[tuple, dict]]
     impls: dict[str, Impl] = field(default_factory=dict)
 
 
 _OPS: dict[str, OpInfo] = {}
 _UNAVAILABLE: dict[str, str] = {}  # backend -> why it cannot run at all in this process
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _probe_environment() -> None:
@@ -74,13 +156,52 @@ def _probe_environment() -> None:
         _UNAVAILABLE["cuda"] = f"vit_fast._C failed to load: {e}"
 
 
-def triton_interpreter() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _probe_environment()
 _INTERPRET = triton_interpreter()
+
+
+def declare(op: str, reference: Callable, facts: Callable[..., Facts],
+            example: Callable[[torch.dtype], tuple[tuple, dict]]) -> None:
+    """Declare an op: its reference implementation, how to read the facts the limits look at from its
+    arguments, and small example inputs (on the meta device) for :func:`explain`."""
+    _OPS[op] = OpInfo(facts=facts, example=example, impls={"reference": Impl(reference)})
+
+
+def register(op: str, backend: str, fn: Callable | None, limits: Limits) -> None:
+    """Register ``fn`` (the op's public signature) as ``backend``'s implementation of ``op``; ``fn`` is None
+    for a backend whose kernels are not there (not built): its limits still explain what it could run."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}; got {backend!r}")
+    _OPS[op].impls[backend] = Impl(fn, limits)
+
+
+def mark_unavailable(backend: str, why: str) -> None:
+    """Record that ``backend`` cannot run at all here (for example its kernels failed to import)."""
+    _UNAVAILABLE.setdefault(backend, why)
+
+
+def ops() -> tuple[str, ...]:
+    """Every declared op, in declaration order."""
+    return tuple(_OPS)
+
+
+def implemented(op: str) -> tuple[str, ...]:
+    """The backends that have an implementation of ``op`` in this process, ``reference`` first."""
+    return tuple(b for b in BACKENDS if b in _OPS[op].impls and _OPS[op].impls[b].fn is not None)
+
+
+def unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run at all in this process (not installed, not built), or None."""
+    return _UNAVAILABLE.get(backend)
+
+
+def limits(op: str, backend: str) -> Limits | None:
+    """``backend``'s declared limits for ``op`` (None for the reference or an unimplemented backend)."""
+    impl = _OPS[op].impls.get(backend)
+    return None if impl is None else impl.limits
+
+
+# ---- the backend setting --------------------------------------------------------------------------------------
 
 
 def _validate(name: str, source: str = "backend") -> str:
@@ -126,118 +247,204 @@ class set_backend:
         return f"set_backend({self.name!r})"
 
 
-def declare(op: str, example: Callable[[torch.dtype], tuple[tuple, dict]]) -> None:
-    """Declare an op and how to build small example inputs (on the meta device) for :func:`explain`."""
-    _OPS.setdefault(op, OpInfo(example=example))
-
-
-def register(op: str, backend: str, check: Callable[..., list[str]] | None = None) -> Callable:
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-
-    def deco(fn: Callable) -> Callable:
-        _OPS[op].impls[backend] = Impl(fn, check)
-        return fn
-
-    return deco
-
-
-def mark_unavailable(backend: str, why: str) -> None:
-    """Record that ``backend`` cannot run at all here (for example its kernels failed to import)."""
-    _UNAVAILABLE.setdefault(backend, why)
+# ---- reasons and the pick -------------------------------------------------------------------------------------
 
 
 def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
 
-def availability(backend: str, op: str) -> list[str]:
-    """Reasons ``backend`` cannot run ``op`` at all in this process (not installed, not built, not written)."""
-    if backend == "reference":
+def _backend_reasons(backend: str, device: torch.device, tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Reasons that belong to the backend rather than to one op's kernels."""
+    if backend != "triton" or device.type != "cpu":
         return []
-    if backend in _UNAVAILABLE:
-        return [_UNAVAILABLE[backend]]
-    if backend not in _OPS[op].impls:
-        return [f"{op} is not implemented yet in the {backend} backend"]
-    return []
+    why = []
+    if not _INTERPRET:
+        why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors):
+        why.append("bfloat16 on CPU: the Triton interpreter computes bfloat16 tl.dot wrongly (bf16 runs on a GPU)")
+    return why
 
 
 def reasons(backend: str, op: str, args: Sequence, kwargs: dict, device: torch.device | None = None) -> list[str]:
     """Every reason why ``backend`` cannot run ``op`` on these inputs; empty when it can.
 
-    ``device`` overrides the tensors' device (for explain()).
+    ``device`` overrides the tensors' device (for :func:`explain`).
     """
+    info = _OPS[op]
+    impl = info.impls.get(backend)
     if backend == "reference":
         return []
-    why = availability(backend, op)
+    if impl is None:
+        return [f"{op} is not implemented in the {backend} backend"]
     tensors = _tensors(args, kwargs)
     dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    if dev.type == "cpu" and backend == "triton":
-        if not _INTERPRET:
-            why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
-        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        if amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors):
-            why.append("bfloat16 on CPU: the Triton interpreter computes bfloat16 tl.dot wrongly (bf16 runs on a GPU)")
-    elif dev.type != "cuda":
-        why.append(f"device {dev.type} not supported (needs a CUDA device)")
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype not in KERNEL_DTYPES})
-    if dtypes:
-        why.append(f"dtype {', '.join(dtypes)} not supported (float16, bfloat16, float32)")
-    impl = _OPS[op].impls.get(backend)
-    if impl is not None and impl.check is not None and not why:
-        why.extend(impl.check(*args, **kwargs))
-    return why
+    dtypes = {t.dtype for t in tensors}
+    why = [_UNAVAILABLE[backend]] if backend in _UNAVAILABLE else []
+    why += _backend_reasons(backend, dev, tensors)
+    return why + impl.limits.reasons(info.facts(*args, **kwargs), dev, dtypes)
 
 
-def select(op: str, *args, **kwargs) -> Callable:
-    """The implementation of ``op`` that runs these inputs under the current backend."""
-    name = get_backend()
+@dataclass(frozen=True)
+class Pick:
+    """What :func:`pick` chose for one call: the backend, its function, and every backend's reasons."""
+
+    op: str
+    backend: str
+    fn: Callable
+    reasons: dict[str, list[str]]
+    why: str  # why this backend: "auto on cuda: first of triton, reference that runs", "set_backend('triton')"
+
+
+def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
+         device: torch.device | None = None, full: bool = True) -> Pick:
+    """The one choice of implementation for ``op`` on these inputs under ``setting`` (default: the current
+    backend). Raises :class:`BackendUnavailableError` with every reason when an explicit choice cannot run.
+
+    ``full=False`` asks only the backends the choice needs (the per-call path); ``Pick.reasons`` then holds
+    those alone.
+    """
+    name = get_backend() if setting is None else _validate(setting)
     info = _OPS[op]
-    if any(t.numel() == 0 for t in _tensors(args, kwargs)):
-        return info.impls["reference"].fn  # empty inputs (B = 0): nothing to launch, the reference returns empty
+    tensors = _tensors(args, kwargs)
+    dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    why: dict[str, list[str]] = {}
+
+    def why_not(backend: str) -> list[str]:
+        if backend not in why:
+            why[backend] = reasons(backend, op, args, kwargs, device=dev)
+        return why[backend]
+
+    if full:
+        for b in BACKENDS:
+            why_not(b)
+    if any(t.numel() == 0 for t in tensors):  # nothing to launch: the reference returns the empty result
+        return Pick(op, "reference", info.impls["reference"].fn, why, "empty input: nothing to compute")
     if name == "auto":
-        dev = next((t.device for t in _tensors(args, kwargs)), torch.device("cpu"))
-        for candidate in AUTO_ORDER.get(dev.type, ()):
-            if not reasons(candidate, op, args, kwargs):
-                return info.impls[candidate].fn
-        return info.impls["reference"].fn
-    why = reasons(name, op, args, kwargs)
-    if why:
-        raise BackendUnavailableError(f"backend {name!r} cannot run {op} on these inputs: " + "; ".join(why))
-    return info.impls[name].fn
+        order = AUTO_ORDER.get(dev.type, ())
+        chosen = next((b for b in order if not why_not(b)), "reference")
+        because = f"auto on {dev.type}: the first of {', '.join(order)} that runs"
+        return Pick(op, chosen, info.impls[chosen].fn, why, because)
+    if why_not(name):
+        raise BackendUnavailableError(f"backend {name!r} cannot run {op} on these inputs: " + "; ".join(why[name]))
+    return Pick(op, name, info.impls[name].fn, why, f"set_backend({name!r})")
+
+
+# ---- launch records: which backend really ran -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One run of an op's implementation: ``phase`` is ``fwd`` or ``bwd``."""
+
+    op: str
+    backend: str
+    phase: str
+
+
+_recorders: list[list[Launch]] = []
+_explainers: list[Callable[[Pick], None]] = []
+
+
+def record(op: str, backend: str, phase: str) -> None:
+    """Called by the implementations when they run (kernel ops from inside the custom op, so compiled
+    graphs record too)."""
+    for rec in _recorders:
+        rec.append(Launch(op, backend, phase))
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[Launch]]:
+    """Collect every :class:`Launch` inside the block: proof of which backend ran, forward and backward::
+
+        with backends.trace() as launches:
+            out = model(images)
+        assert {(r.op, r.backend) for r in launches} == {...}
+    """
+    launches: list[Launch] = []
+    _recorders.append(launches)
+    try:
+        yield launches
+    finally:
+        _recorders.remove(launches)
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on its chosen implementation: what every public op calls."""
+    try:
+        chosen = pick(op, args, kwargs, full=bool(_explainers))
+    except BackendUnavailableError:
+        if not _explainers:
+            raise
+        # explain(model, images) goes on through the reference to report every layer
+        why = {b: reasons(b, op, args, kwargs) for b in BACKENDS}
+        chosen = Pick(op, RAISES, _OPS[op].impls["reference"].fn, why, "the backend set cannot run these inputs")
+    for observe in _explainers:
+        observe(chosen)
+    if chosen.backend == "reference":
+        record(op, "reference", "fwd")
+    return chosen.fn(*args, **kwargs)
+
+
+# ---- explain --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Explanation:
-    """What :func:`explain` found: one row per (op, backend), and ``auto``'s pick per op."""
+    """What :func:`explain` found: one row per (op, backend) or, for a model, per (layer, op, backend); and
+    the backend picked per row group."""
 
-    device: str
-    dtype: str
-    backend: str
-    rows: list[dict]
-    picked: dict[str, str]
+    title: str
+    rows: list[dict]  # {"where", "op", "backend", "available", "reasons", "note", "picked"}
+
+    @property
+    def picked(self) -> dict[str, str]:
+        """op (or "layer: op") -> the picked backend, or ``(raises)``."""
+        picked = {r["where"]: RAISES for r in self.rows}
+        picked.update({r["where"]: r["backend"] for r in self.rows if r["picked"]})
+        return picked
 
     def __str__(self) -> str:
-        lines = [f"device {self.device}, dtype {self.dtype}, backend setting {self.backend!r}"]
-        w_op = max(len(op) for op in self.picked)
-        lines.append(f"{'op':<{w_op}}  {'backend':<9}  {'runs':<4}  why not")
+        lines = [self.title]
+        w = max((len(r["where"]) for r in self.rows), default=2)
+        lines.append(f"{'op':<{w}}  {'backend':<9}  {'runs':<4}  why not")
         for r in self.rows:
             mark = "yes" if r["available"] else "no"
-            pick = "  <- picked" if self.picked[r["op"]] == r["backend"] else ""
+            pick_mark = "  <- picked" if r["picked"] else ("  <- set, raises" if r["raises"] else "")
             detail = "; ".join(r["reasons"]) or (f"- ({r['note']})" if r["note"] else "-")
-            lines.append(f"{r['op']:<{w_op}}  {r['backend']:<9}  {mark:<4}  {detail}{pick}")
+            lines.append(f"{r['where']:<{w}}  {r['backend']:<9}  {mark:<4}  {detail}{pick_mark}")
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def explain(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Explanation:
-    """Per op and backend: can it run, why not, and which one the current setting picks.
+def _rows_for(where: str, op: str, per_backend: dict[str, list[str]], chosen: str, device: torch.device) -> list[dict]:
+    rows = []
+    for backend in BACKENDS:
+        why = per_backend[backend]
+        note = "Triton interpreter: slow, for tests" if backend == "triton" and device.type == "cpu" else ""
+        rows.append({"where": where, "op": op, "backend": backend, "available": not why, "reasons": why,
+                     "note": note, "picked": backend == chosen,
+                     "raises": chosen == RAISES and backend == get_backend()})
+    return rows
 
-    ``device`` defaults to ``cuda`` when a GPU is visible, else ``cpu``; ``dtype`` to bfloat16 on CUDA and
-    float32 on CPU. The examples are ViT-B/16-sized inputs.
+
+def explain(*args, **kwargs) -> Explanation:
+    """What runs, and why every other backend does not.
+
+    ``explain(model, images)``: runs ``model`` on ``images`` (no gradients) and reports, per op and layer,
+    the backend :func:`pick` chose and every reason of every backend that did not run.
+
+    ``explain(device=None, dtype=None)``: the same for ViT-B/16-sized example inputs of every op; ``device``
+    defaults to ``cuda`` when a GPU is visible, else ``cpu``; ``dtype`` to bfloat16 on CUDA and float32 on CPU.
     """
+    if args and isinstance(args[0], torch.nn.Module):
+        return _explain_model(*args, **kwargs)
+    return _explain_examples(*args, **kwargs)
+
+
+def _explain_examples(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Explanation:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -245,26 +452,76 @@ def explain(device: str | torch.device | None = None, dtype: torch.dtype | None 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     setting = get_backend()
     usable = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
-    rows, picked = [], {}
+    rows = []
     for op, info in _OPS.items():
         args, kwargs = info.example(dtype)
-        if usable:  # the op checks see tensors on the real device (uninitialized: nothing is computed)
+        if usable:  # the limits see tensors on the real device (uninitialized: nothing is computed)
             args, kwargs = tree_map_only(
                 torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), (args, kwargs)
             )
-        per_backend = {}
-        for backend in BACKENDS:
-            if usable or backend == "reference":
-                why = reasons(backend, op, args, kwargs, device=device)
-            else:
-                why = ["no CUDA device visible" if device.type == "cuda" else f"device {device.type} not supported"]
-                why += availability(backend, op)
-            per_backend[backend] = why
-            note = "Triton interpreter: slow, for tests" if backend == "triton" and device.type == "cpu" else ""
-            rows.append({"op": op, "backend": backend, "available": not why, "reasons": why, "note": note})
-        if setting == "auto":
-            order = AUTO_ORDER.get(device.type, ())
-            picked[op] = next((b for b in order if not per_backend[b]), "reference")
+        if usable:
+            per_backend = {b: reasons(b, op, args, kwargs, device=device) for b in BACKENDS}
         else:
-            picked[op] = setting if not per_backend[setting] else "(raises)"
-    return Explanation(str(device), str(dtype).replace("torch.", ""), setting, rows, picked)
+            gone = "no CUDA device visible" if device.type == "cuda" else f"device {device.type} not supported"
+            per_backend = {b: ([] if b == "reference" else [gone, *filter(None, [unavailable(b)])]) for b in BACKENDS}
+        try:
+            chosen = pick(op, args, kwargs, device=device).backend if usable else "reference"
+        except BackendUnavailableError:
+            chosen = RAISES
+        rows += _rows_for(op, op, per_backend, chosen, device)
+    title = f"device {device}, dtype {_dtype_name(dtype)}, backend setting {setting!r}"
+    return Explanation(title, rows)
+
+
+def _explain_model(model: torch.nn.Module, images: torch.Tensor) -> Explanation:
+    """Hooks name the module each op call runs in; :func:`dispatch` reports each pick to the observer. Layers
+    that differ only in their index and made the same pick for the same reasons share one row group."""
+    stack: list[str] = []
+    seen: dict[tuple[str, str], Pick] = {}
+    handles = []
+
+    def enter(name: str) -> Callable:
+        return lambda module, inputs: stack.append(name) and None
+
+    def leave(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+
+    def observe(p: Pick) -> None:
+        seen.setdefault((stack[-1] if stack else "", p.op), p)
+
+    _explainers.append(observe)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        _explainers.remove(observe)
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for (where, op), p in seen.items():
+        pattern = ".".join("#" if part.isdigit() else part for part in where.split("."))
+        key = (pattern, op, p.backend, tuple(tuple(p.reasons[b]) for b in BACKENDS))
+        groups.setdefault(key, []).append(where)
+    rows = []
+    for (pattern, op, chosen, _), wheres in groups.items():
+        p = seen[(wheres[0], op)]
+        rows += _rows_for(f"{_layer_span(pattern, wheres) or '(model)'}: {op}", op, p.reasons, chosen, images.device)
+    title = (f"{type(model).__name__} on images {tuple(images.shape)} {_dtype_name(images.dtype)} "
+             f"({images.device}), backend setting {get_backend()!r}")
+    return Explanation(title, rows)
+
+
+def _layer_span(pattern: str, wheres: list[str]) -> str:
+    """``blocks.#.norm1`` over blocks.0..11 -> ``blocks.0-11.norm1`` (or ``blocks.{0,2,5}.norm1``)."""
+    if len(wheres) == 1:
+        return wheres[0]
+    slot = pattern.split(".").index("#")
+    indices = sorted(int(w.split(".")[slot]) for w in wheres)
+    contiguous = indices == list(range(indices[0], indices[-1] + 1))
+    span = f"{indices[0]}-{indices[-1]}" if contiguous else "{" + ",".join(map(str, indices)) + "}"
+    parts = pattern.split(".")
+    parts[slot] = span
+    return ".".join(parts).replace("#", "*")

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
+from vit_fast.backends import HALF, Facts, Limits
 from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
+from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
 
 def attention_ref(
@@ -23,11 +25,21 @@ def attention_ref(
 
     With ``upcast=True`` the math runs in float32 (float64 stays float64) and the result keeps that dtype:
     it is the test oracle.
+
+    NaN follows the formula: a NaN (or inf) in row i of q makes output row i NaN, one in any row of k or v
+    makes every output row of that (batch, head) NaN. PyTorch's CPU flash kernel returns finite values for
+    such rows where its math kernel gives NaN, so the result is made not to depend on which kernel SDPA
+    picks: a term of value zero (0 times the rows' sums) carries the NaN through.
     """
     if upcast:
         dt = upcast_dtype(q.dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp16 sums of large rows overflow
+    rows = q.sum(-1, keepdim=True, dtype=f32)  # (B, H, N, 1)
+    heads = (k.sum((-2, -1), dtype=f32) + v.sum((-2, -1), dtype=f32))[..., None, None]  # (B, H, 1, 1)
+    poison = rows + heads
+    return out + (poison * 0).to(out.dtype)
 
 
 def _validate(q: object, k: object, v: object, scale: float | None, dropout_p: float) -> None:
@@ -43,21 +55,24 @@ def _validate(q: object, k: object, v: object, scale: float | None, dropout_p: f
     _checks.probability("dropout_p", dropout_p)
 
 
+def _facts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
+) -> Facts:
+    return Facts(gemm_dtype=_checks.matmul_dtype(q), head_dim=q.shape[-1], dropout_p=dropout_p)
+
+
 def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     q = torch.empty(2, 12, 197, 64, device="meta", dtype=dtype)  # ViT-B/16: (B, H, N, D)
     return (q, q, q), {"scale": None, "dropout_p": 0.0}
 
 
-backends.declare("attention", _example)
-backends.register("attention", "reference")(attention_ref)
+backends.declare("attention", attention_ref, _facts, _example)
 
 
-# ---- Triton: custom ops, fakes, the shared autograd rule, the backend entry -------------------------------------
+# ---- the kernel contract: forward (q, k, v, scale) -> (out, lse), backward -> (dq, dk, dv) ---------------------
 #
-# The forward op returns (out, lse): out (B, H, N, D) over (B, N, H, D) memory, lse (B, H, N) fp32. The backward
-# op returns (dq, dk, dv), each (B, H, N, D) over (B, N, H, D) memory. Another backend registering ops
-# ``vit_fast::attention_fwd`` / ``attention_bwd`` with the same signatures reuses _setup_context and
-# _backward_for.
+# out and every gradient are (B, H, N, D) over (B, N, H, D) memory (so the model's transpose + reshape to
+# (B, N, H*D) is a view); lse (B, H, N) is fp32, a saved statistic that is not differentiable.
 
 
 def _bhnd_over_bnhd(t: torch.Tensor) -> torch.Tensor:
@@ -75,9 +90,6 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward_for(bwd_op):
-    """The autograd backward of a forward op (q, k, v, scale) -> (out, lse), given its backward op
-    (dout, q, k, v, out, lse, scale) -> (dq, dk, dv). lse is a saved statistic, not differentiable."""
-
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
         q, k, v, out, lse = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
@@ -89,116 +101,46 @@ def _backward_for(bwd_op):
     return backward
 
 
-def _resolve_scale(q: torch.Tensor, scale: float | None) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
-
-
+# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
 def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake of every backend's forward op: out (B, H, N, D) over (B, N, H, D) memory, lse (B, H, N) fp32."""
     B, H, N, _D = q.shape
     return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-def _bwd_fake(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fake of every backend's backward op: dq, dk, dv (B, H, N, D) over (B, N, H, D) memory."""
+def _bwd_fake(dout, q, k, v, out, lse, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
 
 
 def _public_for(fwd_op):
-    """The public op's signature over a backend's forward op."""
-
     def run(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
     ) -> torch.Tensor:
         dt = _checks.matmul_dtype(q)  # custom ops do not see autocast: cast as it would for SDPA
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        out, _lse = fwd_op(q, k, v, _resolve_scale(q, scale))
+        out, _lse = fwd_op(q, k, v, float(q.shape[-1] ** -0.5 if scale is None else scale))
         return out
 
     return run
 
 
-try:
-    from vit_fast.kernels import attention as _kernels
-except Exception as e:  # any import failure (no triton, a broken install, an old triton) disables the backend
-    backends.mark_unavailable("triton", f"vit_fast.kernels.attention failed to import: {e}")
-else:
+ATTENTION = KernelOp(
+    name="attention",
+    fwd_schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake,
+    bwd_fake=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward_for,
+    public=_public_for,
+)
 
-    @torch.library.custom_op("vit_fast::attention_fwd_triton", mutates_args=())
-    def _attention_fwd_triton(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _kernels.attention_fwd(q, k, v, scale)
-
-    _attention_fwd_triton.register_fake(_fwd_fake)
-
-    @torch.library.custom_op("vit_fast::attention_bwd_triton", mutates_args=())
-    def _attention_bwd_triton(
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _kernels.attention_bwd(dout, q, k, v, out, lse, scale)
-
-    _attention_bwd_triton.register_fake(_bwd_fake)
-
-    torch.library.register_autograd(
-        "vit_fast::attention_fwd_triton",
-        _backward_for(torch.ops.vit_fast.attention_bwd_triton),
-        setup_context=_setup_context,
-    )
-
-    def _triton_check(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
-    ) -> list[str]:
-        why = []
-        if dropout_p > 0:
-            why.append("dropout_p > 0 not supported")
-        if not 16 <= q.shape[-1] <= 128:
-            why.append(f"head dim {q.shape[-1]} outside 16..128")
-        return why
-
-    _attention_triton = backends.register("attention", "triton", check=_triton_check)(
-        _public_for(torch.ops.vit_fast.attention_fwd_triton)
-    )
-
-
-# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
-
-_CUDA_HEAD_DIMS = (64, 80, 128)  # the head dims the tensor-core kernels are instantiated for
-
-if hasattr(torch.ops.vit_fast, "attention_fwd"):  # the extension loaded and defined the ops
-    torch.library.register_fake("vit_fast::attention_fwd", _fwd_fake)
-    torch.library.register_fake("vit_fast::attention_bwd", _bwd_fake)
-    torch.library.register_autograd(
-        "vit_fast::attention_fwd", _backward_for(torch.ops.vit_fast.attention_bwd), setup_context=_setup_context
-    )
-
-    def _cuda_check(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
-    ) -> list[str]:
-        why = []
-        if dropout_p > 0:
-            why.append("dropout_p > 0 not supported")
-        if q.shape[-1] not in _CUDA_HEAD_DIMS:
-            why.append(f"head dim {q.shape[-1]} not in {', '.join(map(str, _CUDA_HEAD_DIMS))}")
-        return why + _checks.tensor_core_reasons(_checks.matmul_dtype(q))
-
-    _attention_cuda = backends.register("attention", "cuda", check=_cuda_check)(
-        _public_for(torch.ops.vit_fast.attention_fwd)
-    )
+_kernels = triton_kernels("attention")
+if _kernels is not None:
+    register_backend(ATTENTION, "triton", Limits(devices=("cuda", "cpu"), head_dims=range(16, 129)),
+                     fwd=_kernels.attention_fwd, bwd=_kernels.attention_bwd)
+# the head dims the CUDA tensor-core kernels are instantiated for
+register_backend(ATTENTION, "cuda", Limits(head_dims=(64, 80, 128), gemm_dtypes=HALF))
 
 
 def attention(
@@ -213,9 +155,8 @@ def attention(
         dropout_p: attention-probability dropout (training only; the fused kernels take 0).
 
     Returns:
-        (B, H, N, D) = softmax(q k^T * scale) v, in q's dtype.
+        (B, H, N, D) = softmax(q k^T * scale) v, in q's dtype. A NaN in row i of q gives NaN in output row i;
+        one in k or v gives NaN in every row of that (batch, head), in every backend.
     """
     _validate(q, k, v, scale, dropout_p)
-    return backends.select("attention", q, k, v, scale=scale, dropout_p=dropout_p)(
-        q, k, v, scale=scale, dropout_p=dropout_p
-    )
+    return backends.dispatch("attention", q, k, v, scale=scale, dropout_p=dropout_p)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
+from vit_fast.backends import HALF, Facts, Limits
 from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
+from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
 
 def layernorm_mlp_ref(
@@ -76,6 +76,28 @@ def _validate(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
     _checks.probability("dropout_p", dropout_p)
 
 
+def _facts(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Facts:
+    mismatch = ()
+    # Outside autocast the GEMM operands must share one dtype (autocast casts them to its own).
+    gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in gemm.values()}) > 1:
+        listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
+        mismatch = (f"mixed dtypes outside autocast ({listing})",)
+    return Facts(gemm_dtype=_checks.matmul_dtype(x), width=x.shape[-1], dropout_p=dropout_p, mismatch=mismatch)
+
+
 def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     def m(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -85,16 +107,15 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
         "eps": 1e-6, "residual": x, "dropout_p": 0.0}
 
 
-backends.declare("layernorm_mlp", _example)
-backends.register("layernorm_mlp", "reference")(layernorm_mlp_ref)
+backends.declare("layernorm_mlp", layernorm_mlp_ref, _facts, _example)
 
 
-# Autograd, shared by every backend whose forward op has the signature
-#   (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre)
+# ---- the kernel contract ----------------------------------------------------------------------------------------
+#
+#   forward (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre)
 #     -> (out, mean, rstd, pre)
-# and whose backward op has the signature
-#   (dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1, grad_fc2)
-#     -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)
+#   backward (dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1,
+#             grad_fc2) -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)
 # mean, rstd (M,) are fp32; pre (M, hidden) is the pre-GELU activation, or (0,) when the forward did not save it
 # (the backward then recomputes it). Gradients not asked for come back as empty (0,) tensors.
 
@@ -126,9 +147,7 @@ def _backward_for(bwd_op):
     return backward
 
 
-# Fake (meta) implementations, shared by every backend's forward and backward ops (signatures above).
-
-
+# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
 def _fwd_fake(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -211,118 +230,27 @@ def _public_for(fwd_op):
     return run
 
 
-def _check_for(max_c: int, why_max_c: str, tensor_cores_only: bool) -> Callable[..., list[str]]:
-    """A kernel backend's reasons for refusing inputs, given its widest row and whether it needs fp16/bf16 GEMMs."""
+LAYERNORM_MLP = KernelOp(
+    name="layernorm_mlp",
+    fwd_schema="(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
+    "Tensor fc2_bias, Tensor? residual, float eps, bool save_pre) -> (Tensor, Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, "
+    "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, bool grad_ln, bool grad_fc1, bool grad_fc2) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake,
+    bwd_fake=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward_for,
+    public=_public_for,
+)
 
-    def check(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        *,
-        eps: float = 1e-6,
-        residual: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-    ) -> list[str]:
-        why = []
-        if dropout_p > 0:
-            why.append("dropout_p > 0 not supported")
-        if x.shape[-1] > max_c:
-            why.append(f"C = {x.shape[-1]} > {max_c} ({why_max_c})")
-        if tensor_cores_only:
-            why += _checks.tensor_core_reasons(_checks.matmul_dtype(x))
-        # Outside autocast the GEMM operands must share one dtype (autocast casts them to its own).
-        gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
-        if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in gemm.values()}) > 1:
-            listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
-            why.append(f"mixed dtypes outside autocast ({listing})")
-        return why
-
-    return check
-
-
-try:
-    from vit_fast.kernels import layernorm_mlp as _kernels
-except Exception as e:  # noqa: BLE001 - any import failure (no triton, a broken install) disables the backend
-    backends.mark_unavailable("triton", f"vit_fast.kernels.layernorm_mlp failed to import: {e}")
-else:
-
-    @torch.library.custom_op("vit_fast::layernorm_mlp_fwd_triton", mutates_args=())
-    def _layernorm_mlp_fwd_triton(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        residual: torch.Tensor | None,
-        eps: float,
-        save_pre: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _kernels.layernorm_mlp_fwd(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre
-        )
-
-    _layernorm_mlp_fwd_triton.register_fake(_fwd_fake)
-
-    @torch.library.custom_op("vit_fast::layernorm_mlp_bwd_triton", mutates_args=())
-    def _layernorm_mlp_bwd_triton(
-        dout: torch.Tensor,
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        mean: torch.Tensor,
-        rstd: torch.Tensor,
-        pre: torch.Tensor,
-        grad_ln: bool,
-        grad_fc1: bool,
-        grad_fc2: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _kernels.layernorm_mlp_bwd(
-            dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1,
-            grad_fc2,
-        )
-
-    _layernorm_mlp_bwd_triton.register_fake(_bwd_fake)
-
-    torch.library.register_autograd(
-        "vit_fast::layernorm_mlp_fwd_triton",
-        _backward_for(torch.ops.vit_fast.layernorm_mlp_bwd_triton),
-        setup_context=_setup_context,
-    )
-
-    _triton_check = _check_for(_kernels.MAX_C, "the LayerNorm row kernels hold whole rows", False)
-
-    _layernorm_mlp_triton = backends.register("layernorm_mlp", "triton", check=_triton_check)(
-        _public_for(torch.ops.vit_fast.layernorm_mlp_fwd_triton)
-    )
-
-
-# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
-
-_CUDA_MAX_C = 6144  # the LayerNorm backward keeps per-warp column sums of a row in shared memory
-
-if hasattr(torch.ops.vit_fast, "layernorm_mlp_fwd"):  # the extension loaded and defined the ops
-    torch.library.register_fake("vit_fast::layernorm_mlp_fwd", _fwd_fake)
-    torch.library.register_fake("vit_fast::layernorm_mlp_bwd", _bwd_fake)
-    torch.library.register_autograd(
-        "vit_fast::layernorm_mlp_fwd",
-        _backward_for(torch.ops.vit_fast.layernorm_mlp_bwd),
-        setup_context=_setup_context,
-    )
-
-    _cuda_check = _check_for(_CUDA_MAX_C, "the LayerNorm backward keeps a row's column sums in shared memory", True)
-
-    _layernorm_mlp_cuda = backends.register("layernorm_mlp", "cuda", check=_cuda_check)(
-        _public_for(torch.ops.vit_fast.layernorm_mlp_fwd)
-    )
+_kernels = triton_kernels("layernorm_mlp")
+if _kernels is not None:
+    register_backend(LAYERNORM_MLP, "triton", Limits(devices=("cuda", "cpu"), max_width=_kernels.MAX_C,
+                                                     width_note="the LayerNorm row kernels hold whole rows"),
+                     fwd=_kernels.layernorm_mlp_fwd, bwd=_kernels.layernorm_mlp_bwd)
+register_backend(LAYERNORM_MLP, "cuda", Limits(max_width=6144, gemm_dtypes=HALF, width_note="the LayerNorm "
+                                               "backward keeps a row's column sums in shared memory"))
 
 
 def layernorm_mlp(
@@ -350,9 +278,10 @@ def layernorm_mlp(
         dropout_p: dropout after the GELU and after fc2 (training only; the fused kernels take 0).
 
     Returns:
-        (..., C_out) = fc2(gelu(fc1(layer_norm(x)))) [+ residual], GELU exact (erf).
+        (..., C_out) = fc2(gelu(fc1(layer_norm(x)))) [+ residual], GELU exact (erf). A NaN in a row of x gives
+        a NaN row, in every backend.
     """
     _validate(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p)
     args = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kwargs = {"eps": eps, "residual": residual, "dropout_p": dropout_p}
-    return backends.select("layernorm_mlp", *args, **kwargs)(*args, **kwargs)
+    return backends.dispatch("layernorm_mlp", *args, **kwargs)

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
+from vit_fast.backends import HALF, Facts, Limits
 from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
+from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
 
 def patch_embed_ref(
@@ -77,6 +79,18 @@ def _validate(images, weight, bias, cls_token, pos_embed) -> None:
     _checks.same_device(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
 
 
+def _facts(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    cls_token: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+) -> Facts:
+    conv = _autocast_dtype(images.device) or images.dtype
+    return Facts(gemm_dtype=conv, mismatch=tuple(_conv_dtype_reasons(images, weight, bias)))
+
+
 def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     def m(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -85,18 +99,14 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     return (m(64, 3, 224, 224), m(768, 3, 16, 16), m(768)), {"cls_token": m(1, 1, 768), "pos_embed": m(1, 197, 768)}
 
 
-backends.declare("patch_embed", _example)
-backends.register("patch_embed", "reference")(patch_embed_ref)
+backends.declare("patch_embed", patch_embed_ref, _facts, _example)
 
 
-# ---- Triton backend -------------------------------------------------------------------------------------------
-
-try:
-    from vit_fast.kernels import patch_embed as _kernels
-except Exception as e:  # triton missing or failing to initialize: the other backends still work
-    _kernels = None
-    backends.mark_unavailable("triton", f"vit_fast.kernels.patch_embed failed to import: {e}")
-
+# ---- the kernel contract ----------------------------------------------------------------------------------------
+#
+#   forward (images, weight, bias, cls_token, pos_embed) -> the (B, [1+]N, E) tokens in the reference's dtype
+#   backward (grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad)
+#     -> (dimages, dweight, dbias, dcls_token, dpos_embed), absent or unrequested gradients as empty (0,) tensors
 
 def _out_dtype(images: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
     """The reference's result dtype: the conv's, promoted by the position embedding's addition."""
@@ -112,6 +122,18 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _conv_dtype_reasons(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
+    """Outside autocast, weight and bias must have the images' dtype (autocast casts all three to its own)."""
+    if _autocast_dtype(images.device) is not None:
+        return []
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    return [
+        f"{name} dtype {str(t.dtype)[6:]} differs from images dtype {str(images.dtype)[6:]}"
+        for name, t in others
+        if t.dtype != images.dtype
+    ]
 
 
 def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -132,6 +154,7 @@ def _backward_for(bwd_op: Callable) -> Callable:
     return backward
 
 
+# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
 def _fwd_fake(images, weight, bias, cls_token, pos_embed):
     """Fake of every backend's forward op: the (B, [1+]N, E) token sequence in the reference's dtype."""
     b, _, h, w = images.shape
@@ -169,28 +192,22 @@ def _public_for(fwd_op: Callable) -> Callable:
     return run
 
 
-def _conv_dtype_reasons(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
-    """Outside autocast, weight and bias must have the images' dtype (autocast casts all three to its own)."""
-    if _autocast_dtype(images.device) is not None:
-        return []
-    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    return [
-        f"{name} dtype {str(t.dtype)[6:]} differs from images dtype {str(images.dtype)[6:]}"
-        for name, t in others
-        if t.dtype != images.dtype
-    ]
+PATCH_EMBED = KernelOp(
+    name="patch_embed",
+    fwd_schema="(Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed) -> Tensor",
+    bwd_schema="(Tensor grad_out, Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, "
+    "bool images_grad, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake,
+    bwd_fake=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward_for,
+    public=_public_for,
+)
 
-
+_kernels = triton_kernels("patch_embed")
 if _kernels is not None:
 
-    @torch.library.custom_op("vit_fast::patch_embed_fwd_triton", mutates_args=())
-    def _patch_embed_fwd_triton(
-        images: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        cls_token: torch.Tensor | None,
-        pos_embed: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _triton_fwd(images, weight, bias, cls_token, pos_embed):
         e = weight.shape[0]
         return _kernels.patch_embed_fwd(
             images,
@@ -201,19 +218,8 @@ if _kernels is not None:
             _out_dtype(images, pos_embed),
         )
 
-    _patch_embed_fwd_triton.register_fake(_fwd_fake)
 
-    @torch.library.custom_op("vit_fast::patch_embed_bwd_triton", mutates_args=())
-    def _patch_embed_bwd_triton(
-        grad_out: torch.Tensor,
-        images: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        cls_token: torch.Tensor | None,
-        pos_embed: torch.Tensor | None,
-        images_grad: bool,
-        weight_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _triton_bwd(grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad):
         e = weight.shape[0]
         dimages, dweight, dbias, dcls, dpos = _kernels.patch_embed_bwd(
             grad_out,
@@ -233,51 +239,9 @@ if _kernels is not None:
             dpos if pos_embed is None else dpos.view(pos_embed.shape),
         )
 
-    _patch_embed_bwd_triton.register_fake(_bwd_fake)
 
-    torch.library.register_autograd(
-        "vit_fast::patch_embed_fwd_triton",
-        _backward_for(torch.ops.vit_fast.patch_embed_bwd_triton),
-        setup_context=_setup_context,
-    )
-
-    def _triton_check(
-        images: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *,
-        cls_token: torch.Tensor | None = None,
-        pos_embed: torch.Tensor | None = None,
-    ) -> list[str]:
-        return _conv_dtype_reasons(images, weight, bias)
-
-    _patch_embed_triton = backends.register("patch_embed", "triton", check=_triton_check)(
-        _public_for(torch.ops.vit_fast.patch_embed_fwd_triton)
-    )
-
-
-# ---- CUDA C++ backend (vit_fast._C): same fakes and autograd rule as Triton's ----------------------------------
-
-if hasattr(torch.ops.vit_fast, "patch_embed_fwd"):  # the extension loaded and defined the ops
-    torch.library.register_fake("vit_fast::patch_embed_fwd", _fwd_fake)
-    torch.library.register_fake("vit_fast::patch_embed_bwd", _bwd_fake)
-    torch.library.register_autograd(
-        "vit_fast::patch_embed_fwd", _backward_for(torch.ops.vit_fast.patch_embed_bwd), setup_context=_setup_context
-    )
-
-    def _cuda_check(
-        images: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *,
-        cls_token: torch.Tensor | None = None,
-        pos_embed: torch.Tensor | None = None,
-    ) -> list[str]:
-        return _conv_dtype_reasons(images, weight, bias) + _checks.tensor_core_reasons(_checks.matmul_dtype(images))
-
-    _patch_embed_cuda = backends.register("patch_embed", "cuda", check=_cuda_check)(
-        _public_for(torch.ops.vit_fast.patch_embed_fwd)
-    )
+    register_backend(PATCH_EMBED, "triton", Limits(devices=("cuda", "cpu")), fwd=_triton_fwd, bwd=_triton_bwd)
+register_backend(PATCH_EMBED, "cuda", Limits(gemm_dtypes=HALF))
 
 
 def patch_embed(
@@ -298,8 +262,8 @@ def patch_embed(
             N = (H / P) * (W / P).
 
     Returns:
-        (B, N, E), or (B, 1+N, E) with ``cls_token``.
+        (B, N, E), or (B, 1+N, E) with ``cls_token``. A NaN in a patch's pixels gives a NaN token, in every
+        backend.
     """
     _validate(images, weight, bias, cls_token, pos_embed)
-    kwargs = {"cls_token": cls_token, "pos_embed": pos_embed}
-    return backends.select("patch_embed", images, weight, bias, **kwargs)(images, weight, bias, **kwargs)
+    return backends.dispatch("patch_embed", images, weight, bias, cls_token=cls_token, pos_embed=pos_embed)

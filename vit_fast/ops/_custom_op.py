@@ -1,0 +1,87 @@
+"""One call registers a kernel backend of an op: its custom ops, their fakes, the autograd rule, and its
+limits in the dispatcher.
+
+An op writes its kernel contract once, as a :class:`KernelOp`: the forward and backward schemas (the same
+strings as in ``csrc/ops.cpp``), one fake per schema, how autograd saves and differentiates, and the public
+signature over a forward op. Every backend of the op then shares all of it; :func:`register_backend` is the
+only thing a backend adds::
+
+    register_backend(ATTENTION, "triton", Limits(...), fwd=kernels.attention_fwd, bwd=kernels.attention_bwd)
+    register_backend(ATTENTION, "cuda", Limits(...))   # ops defined by vit_fast._C from the same schemas
+
+The custom ops are named ``vit_fast::{op}_fwd_{backend}`` and ``vit_fast::{op}_bwd_{backend}``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from vit_fast import backends
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """An op's contract with its kernel backends (see the module docstring)."""
+
+    name: str
+    fwd_schema: str
+    bwd_schema: str
+    fwd_fake: Callable
+    bwd_fake: Callable
+    setup_context: Callable
+    backward: Callable[[Callable], Callable]  # backward op -> autograd backward(ctx, *grads)
+    public: Callable[[Callable], Callable]  # forward op -> the op's public signature
+
+
+def _recorded(fn: Callable, op: str, backend: str, phase: str) -> Callable:
+    def run(*args, **kwargs):
+        backends.record(op, backend, phase)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def register_backend(spec: KernelOp, backend: str, limits: backends.Limits, *, fwd: Callable | None = None,
+                     bwd: Callable | None = None) -> bool:
+    """Register ``backend``'s kernels for ``spec``'s op; returns whether it did.
+
+    With ``fwd`` and ``bwd`` (Python launchers taking the schemas' arguments) the custom ops are defined
+    here; without, they must have been defined by ``vit_fast._C`` (when they were not, only the limits are
+    registered: they still explain what the backend could run).
+    """
+    fwd_name, bwd_name = f"{spec.name}_fwd_{backend}", f"{spec.name}_bwd_{backend}"
+    defined_here = fwd is not None
+    if defined_here:
+        for name, schema, launch, phase in ((fwd_name, spec.fwd_schema, fwd, "fwd"),
+                                            (bwd_name, spec.bwd_schema, bwd, "bwd")):
+            torch.library.custom_op(f"vit_fast::{name}", _recorded(launch, spec.name, backend, phase),
+                                    mutates_args=(), schema=schema)
+    elif not hasattr(torch.ops.vit_fast, fwd_name):
+        backends.register(spec.name, backend, None, limits)
+        return False
+    torch.library.register_fake(f"vit_fast::{fwd_name}", spec.fwd_fake)
+    torch.library.register_fake(f"vit_fast::{bwd_name}", spec.bwd_fake)
+    fwd_op, bwd_op = getattr(torch.ops.vit_fast, fwd_name), getattr(torch.ops.vit_fast, bwd_name)
+    backward = spec.backward(bwd_op)
+    public = spec.public(fwd_op)
+    if not defined_here:  # C++ ops cannot record themselves: record where Python calls them
+        backward = _recorded(backward, spec.name, backend, "bwd")
+        public = _recorded(public, spec.name, backend, "fwd")
+    torch.library.register_autograd(f"vit_fast::{fwd_name}", backward, setup_context=spec.setup_context)
+    backends.register(spec.name, backend, public, limits)
+    return True
+
+
+
+def triton_kernels(name: str) -> ModuleType | None:
+    """``vit_fast.kernels.<name>``, or None after marking the triton backend unavailable with the reason."""
+    try:
+        return importlib.import_module(f"vit_fast.kernels.{name}")
+    except Exception as e:  # noqa: BLE001 - any import failure (no triton, a broken or old install) disables it
+        backends.mark_unavailable("triton", f"vit_fast.kernels.{name} failed to import: {e}")
+        return None
