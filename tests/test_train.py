@@ -1,4 +1,7 @@
-"""Training: digits in fp32/bf16/fp16, kill-and-resume, DDP over gloo, CIFAR files, ImageFolder, fine-tuning."""
+"""Training: digits in fp32/bf16/fp16, kill-and-resume, DDP over gloo, CIFAR files, ImageFolder, fine-tuning.
+
+The tests that start other processes (a killed run, two gloo processes, the installed command) are marked
+``subprocess``: ``pytest -m subprocess tests/test_train.py`` runs them."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import functools
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -18,8 +22,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vit_fast import data
-from vit_fast.train import build_parser, list_checkpoints, param_groups, read_metrics, run_from_args, train
+from vit_fast.train import (
+    build_parser,
+    data,
+    list_checkpoints,
+    load_newest_checkpoint,
+    param_groups,
+    read_metrics,
+    run_from_args,
+    train,
+    trainer,
+)
+from vit_fast.train.checkpoints import rng_state, save_checkpoint, set_rng_state, tidy_for_resume
+from vit_fast.train.recipes import RECIPES, adopt_saved_recipe, parse_overrides, resolve
 
 # A model small enough for a CPU test to take seconds, from the presets' own code path.
 TINY = ["--override", "depth=1", "--override", "embed_dim=16", "--override", "num_heads=2"]
@@ -122,6 +137,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path):
     # The default digits recipe (affine augmentation in a loader worker, drop-path, label smoothing), tiny model.
     common = ["--epochs", "3", "--batch-size", "32", "--ckpt-every", "7", "--log-every", "1", *TINY]
@@ -177,9 +193,76 @@ def test_resume_keeps_the_recipe_and_a_used_directory_needs_resume(tmp_path):
     assert summary["steps"] == 1437 // 64 and summary["recipe"]["override"] == TINY[1::2]
 
 
+class _Stop(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_bitwise_the_same_weights(tmp_path, monkeypatch):
+    common = ["--epochs", "2", "--batch-size", "64", "--ckpt-every", "5", "--workers", "0", *TINY]
+    _train(tmp_path / "full", *common)
+    save = trainer.save_checkpoint
+
+    def save_then_stop(ckpt_dir, ckpt, keep):
+        save(ckpt_dir, ckpt, keep)
+        if ckpt["step"] == 30:  # inside the second epoch of 22 steps
+            raise _Stop
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        _train(tmp_path / "cut", *common)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    ckpt = load_newest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert set(ckpt) == {"format", "model", "optimizer", "scheduler", "scaler", "rng", "step", "epoch", "config",
+                         "recipe", "skipped_steps", "train_images", "train_s", "wall_s", "last_eval", "path"}
+    assert (ckpt["step"], ckpt["epoch"], ckpt["last_eval"]["epoch"]) == (30, 1, 1)
+
+    _train(tmp_path / "cut", "--resume", "--workers", "0")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [read_metrics(tmp_path / run / "metrics.jsonl") for run in ("full", "cut")]
+    assert [(r["step"], r.get("loss")) for r in records[0]] == [(r["step"], r.get("loss")) for r in records[1]]
+
+
+def test_checkpoints_round_trip_the_random_state_and_pass_over_what_a_kill_left(tmp_path):
+    cpu = torch.device("cpu")
+    state = rng_state(cpu)
+    drawn = (torch.rand(3), np.random.rand(3).tolist(), random.random())
+    for step in (3, 7):
+        save_checkpoint(tmp_path, {"step": step, "rng": [state]}, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000007.pt"]
+    (tmp_path / "step_00000009.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "step_00000010.pt.tmp4242").write_bytes(b"half a checkpoint")
+    with pytest.warns(UserWarning, match="unreadable"):
+        ckpt = load_newest_checkpoint(tmp_path)
+    assert ckpt["step"] == 7 and ckpt["format"] == 1
+    tidy_for_resume(tmp_path, ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000007.pt", "step_00000009.unreadable"]
+    set_rng_state(ckpt["rng"][0], cpu)
+    assert torch.equal(torch.rand(3), drawn[0]) and np.random.rand(3).tolist() == drawn[1]
+    assert random.random() == drawn[2]
+
+
+def test_recipes_fill_the_unset_flags_and_a_resumed_run_keeps_its_recipe():
+    r = resolve(build_parser().parse_args(["--dataset", "cifar100", "--lr", "0.1"]))
+    assert (r.lr, r.model, r.epochs, r.mixup) == (0.1, "vit_small_patch4_32", 300, RECIPES["cifar10"]["mixup"])
+    assert resolve(build_parser().parse_args([])).dataset == "digits"
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        resolve(build_parser().parse_args(["--batch-size", "0"]))
+    with pytest.raises(ValueError, match=r"--lr 0.5 \(the run has 0.002\)"):
+        adopt_saved_recipe(build_parser().parse_args(["--lr", "0.5"]), {"lr": 0.002})
+    args = build_parser().parse_args(["--workers", "3"])
+    adopt_saved_recipe(args, {"lr": 0.002, "epochs": 7})
+    assert (args.lr, args.epochs, args.workers) == (0.002, 7, 3)
+    assert parse_overrides(["depth=6", "qkv_bias=False", "act=gelu"]) == {"depth": 6, "qkv_bias": False,
+                                                                          "act": "gelu"}
+    with pytest.raises(ValueError, match="--drop-path sets it"):
+        parse_overrides(["drop_path_rate=0.1"])
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.subprocess
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # Drop-path draws per process, so the comparison runs without it; everything else is the digits recipe.
     common = ["--epochs", "1", "--batch-size", "32", "--drop-path", "0", "--workers", "0", *TINY]
@@ -343,6 +426,11 @@ def test_help_explains_every_flag_with_its_default():
     for action in parser._actions:
         if action.dest != "help":
             assert "default" in (action.help or ""), action.option_strings
+    assert "0.002 (digits)" in parser.format_help()
+
+
+@pytest.mark.subprocess
+def test_the_installed_command_shows_the_train_help():
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vit-fast"), "train", "--help"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "--resume" in out.stdout and "0.002 (digits)" in out.stdout

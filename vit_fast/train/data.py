@@ -320,3 +320,15 @@ def _require_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
                                     f"it must hold {expected}")
     return root
 
+
+
+def batch_mix(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a whole batch (one of them, at random, per batch when both are on), or None."""
+    mixes: list[v2.Transform] = []
+    if mixup > 0:
+        mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
