@@ -157,7 +157,7 @@ def _default_arch_list() -> str:
 ext_modules, cmdclass = cuda_extensions()
 
 setup(
-    packages=["vit_fast", "vit_fast.ops", "vit_fast.kernels"],
+    packages=["vit_fast", "vit_fast.bench", "vit_fast.ops", "vit_fast.train", "vit_fast.kernels"],
     package_dir={"vit_fast": "vit_fast", "vit_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,27 +1,12 @@
 """The fused LayerNorm -> fc1 -> GELU -> fc2 (+ residual) branch: vit_fast's backends vs the same in eager
 PyTorch and under `torch.compile`.
-
-    python benchmarks/bench_layernorm_mlp.py [vit-fast bench flags]   # this op's part of `vit-fast bench`
-    pytest benchmarks/bench_layernorm_mlp.py --benchmark-only         # the same providers as pytest-benchmark tests
-"""
-
-from __future__ import annotations
+A script (this part of `vit-fast bench`) and a pytest-benchmark suite: see suite.py."""
 
 import sys
 
-import pytest
+from suite import benchmark_test, script
 
-from vit_fast import bench
-
-OP = "layernorm_mlp"
-
-
-@pytest.mark.parametrize("case", bench.pytest_cases(OP), ids=str)
-def test_layernorm_mlp(benchmark, case: bench.PytestCase) -> None:
-    bench.pytest_benchmark(benchmark, case)
-
+test_layernorm_mlp = benchmark_test("layernorm_mlp")
 
 if __name__ == "__main__":
-    from vit_fast.cli import main
-
-    sys.exit(main(["bench", "--ops", OP, "--models", "none", *sys.argv[1:]]))
+    sys.exit(script("layernorm_mlp"))

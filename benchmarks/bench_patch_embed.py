@@ -1,27 +1,12 @@
 """Patch embedding: vit_fast's backends vs conv + flatten + transpose + cat + add, eager and under
 `torch.compile`.
-
-    python benchmarks/bench_patch_embed.py [vit-fast bench flags]   # this op's part of `vit-fast bench`
-    pytest benchmarks/bench_patch_embed.py --benchmark-only         # the same providers as pytest-benchmark tests
-"""
-
-from __future__ import annotations
+A script (this part of `vit-fast bench`) and a pytest-benchmark suite: see suite.py."""
 
 import sys
 
-import pytest
+from suite import benchmark_test, script
 
-from vit_fast import bench
-
-OP = "patch_embed"
-
-
-@pytest.mark.parametrize("case", bench.pytest_cases(OP), ids=str)
-def test_patch_embed(benchmark, case: bench.PytestCase) -> None:
-    bench.pytest_benchmark(benchmark, case)
-
+test_patch_embed = benchmark_test("patch_embed")
 
 if __name__ == "__main__":
-    from vit_fast.cli import main
-
-    sys.exit(main(["bench", "--ops", OP, "--models", "none", *sys.argv[1:]]))
+    sys.exit(script("patch_embed"))

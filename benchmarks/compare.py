@@ -15,7 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vit_fast.bench import compare_results, format_comparison, newest_results
+from readme_table import newest_results
+
+from vit_fast.bench import compare_results, format_comparison
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from vit_fast import bench
+from vit_fast.bench.cases import _layer_norm_eager
+from vit_fast.bench.measure import derive, new_row
 from vit_fast.config import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
 ROW_KEYS = {"kind", "name", "provider", "provider_kind", "compiled", "mode", "dtype", "shape", "shape_label", "status",
             "reason", "best_baseline", "speedup"}
 OK_KEYS = {"median_ms", "p20_ms", "p80_ms", "min_ms", "spread", "flop", "bytes", "tflops", "gbps", "frac_peak_flops",
@@ -30,6 +33,22 @@ def _load(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    """Loads ``benchmarks/<name>.py`` as ``python benchmarks/<name>.py`` runs it: with benchmarks/ on sys.path,
+    where its siblings (suite, readme_table) are found."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return lambda name: _load(os.path.join(BENCHMARKS, f"{name}.py"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict:
+    """A cheap in-process quick run on CPU: one op (layer_norm), no model; with its report and plot."""
+    out = str(tmp_path_factory.mktemp("bench-small"))
+    return bench.run(bench.BenchConfig(quick=True, ops=["layer_norm"], models=[], device="cpu", out=out, threads=1,
+                                       progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +63,7 @@ def quick(tmp_path_factory) -> tuple[str, dict, str]:
         return out, json.load(f), proc.stdout
 
 
+@pytest.mark.subprocess
 def test_quick_run_writes_results_report_and_plots(quick):
     out, res, stdout = quick
     assert res["schema"] == bench.SCHEMA
@@ -83,6 +103,7 @@ def test_quick_run_writes_results_report_and_plots(quick):
     assert "best PyTorch" in stdout and "images/s" in stdout and "not measured" in stdout
 
 
+@pytest.mark.subprocess
 def test_every_provider_agrees_with_the_reference(quick):
     _, res, _ = quick
     assert not [r for r in res["rows"] if r["status"] == "failed"]
@@ -91,8 +112,8 @@ def test_every_provider_agrees_with_the_reference(quick):
 
 def test_a_wrong_provider_is_caught_and_not_timed():
     op = bench.OP_BENCHES["layer_norm"]
-    wrong = bench.Provider("wrong", "peer", lambda x, w, b, *, eps: 1.001 * bench._layer_norm_eager(x, w, b, eps=eps))
-    right = bench.Provider("right", "baseline", bench._layer_norm_eager)
+    wrong = bench.Provider("wrong", "peer", lambda x, w, b, *, eps: 1.001 * _layer_norm_eager(x, w, b, eps=eps))
+    right = bench.Provider("right", "baseline", _layer_norm_eager)
     timer = bench.Timer(torch.device("cpu"), quick=True)
     peaks = {"matmul_tflops": {"float32": 1.0}, "bandwidth_gbps": 1.0}
     rows = bench.bench_op_case(op, {"B": 2, "N": 5, "C": 16}, torch.float32, torch.device("cpu"), [wrong, right],
@@ -104,6 +125,28 @@ def test_a_wrong_provider_is_caught_and_not_timed():
         assert by["right", mode]["status"] == "ok", by["right", mode]
 
 
+def test_small_run_writes_results_report_and_plot(small):
+    out = small["config"]
+    assert small["schema"] == bench.SCHEMA and out["ops"] == ["layer_norm"] and out["models"] == []
+    assert {r["name"] for r in small["rows"]} == {"layer_norm"} and small["plots"] == ["layer_norm_speedup.png"]
+    ok = [r for r in small["rows"] if r["status"] == "ok"]
+    assert {(r["mode"], r["provider_kind"]) for r in ok} >= {(m, k) for m in bench.OP_MODES
+                                                             for k in ("vit_fast", "baseline")}
+    assert small["violations"] == [] and all(0 <= r["agreement"] <= 1 for r in ok)
+    assert all(r["speedup"] is not None for r in ok)
+    report = bench.render_report(small)
+    assert "## layer_norm" in report and "## Targets" in report and "## Not measured" in report
+    assert "best PyTorch" in bench.summary_table(small)
+
+
+def test_a_figure_above_the_peak_is_flagged():
+    row = {"dtype": "float32"}
+    derive(row, bench.Timing(1.0, 1.0, 1.0, 1.0, 1), 2 * 10**9, 10, {"matmul_tflops": {"float32": 1.0},
+                                                                      "bandwidth_gbps": 1.0})
+    assert row["tflops"] == pytest.approx(2.0) and row["exceeds_peak"]
+
+
+@pytest.mark.subprocess
 def test_derived_figures_stay_under_the_measured_peaks(quick):
     _, res, _ = quick
     assert res["violations"] == []
@@ -117,10 +160,6 @@ def test_derived_figures_stay_under_the_measured_peaks(quick):
         assert r["frac_peak_flops"] <= 1
         if r["gbps"] is not None:
             assert r["gbps"] == pytest.approx(r["bytes"] / s / 1e9) and r["frac_peak_bw"] <= 1
-    row = {"dtype": "float32"}
-    bench._derive(row, bench.Timing(1.0, 1.0, 1.0, 1.0, 1), 2 * 10**9, 10, {"matmul_tflops": {"float32": 1.0},
-                                                                             "bandwidth_gbps": 1.0})
-    assert row["tflops"] == pytest.approx(2.0) and row["exceeds_peak"]
 
 
 def test_analytic_counts():
@@ -136,8 +175,8 @@ def test_analytic_counts():
     assert mlp.flops({"B": 1, "N": 197, "C": 768, "hidden": 3072}, "fwd") == 2 * 2 * 197 * 768 * 3072
 
 
-def test_regression_check_flags_an_injected_slowdown(quick, tmp_path):
-    _, res, _ = quick
+def test_regression_check_flags_an_injected_slowdown(small, scripts, tmp_path):
+    res = small
     assert bench.compare_results(res, res)["flagged"] == []
     slower = copy.deepcopy(res)
     row = next(r for r in slower["rows"] if r["status"] == "ok" and r["kind"] == "op")
@@ -150,13 +189,13 @@ def test_regression_check_flags_an_injected_slowdown(quick, tmp_path):
     new, old = tmp_path / "new.json", tmp_path / "old.json"
     new.write_text(json.dumps(slower))
     old.write_text(json.dumps(res))
-    compare = _load(os.path.join(REPO, "benchmarks", "compare.py"))
+    compare = scripts("compare")
     assert compare.main([str(new), str(old)]) == 1
     assert compare.main([str(old), str(old)]) == 0
 
 
 def _fake_gpu_run(res: dict) -> dict:
-    """The quick CPU run dressed as an H200 run with ViT-B/16 rows, for the README generator."""
+    """A quick CPU run dressed as an H200 run with ViT-B/16 rows, for the README generator."""
     gpu = copy.deepcopy(res)
     gpu["environment"]["device"] = {"type": "cuda", "name": "NVIDIA H200"}
     gpu["peaks"]["matmul_tflops"] = {"bfloat16": 790.0}
@@ -171,26 +210,26 @@ def _fake_gpu_run(res: dict) -> dict:
     return gpu
 
 
-def test_readme_table_comes_from_the_newest_committed_gpu_run(quick, tmp_path):
-    _, res, _ = quick
+def test_readme_table_comes_from_the_newest_committed_gpu_run(small, scripts, tmp_path):
+    res = small
+    gen = scripts("readme_table")
     results = tmp_path / "results"
     (results / "2026-01-01_cpu_abc").mkdir(parents=True)
     (results / "2026-01-01_cpu_abc" / "results.json").write_text(json.dumps(res))
-    text = bench.readme_table(str(results), str(tmp_path))
+    text = gen.readme_table(str(results), str(tmp_path))
     assert "No GPU run is committed yet" in text and "not measured" in text  # CPU runs never feed the table
     (results / "2099-01-01_nvidia-h200_def").mkdir()
     (results / "2099-01-01_nvidia-h200_def" / "results.json").write_text(json.dumps(_fake_gpu_run(res)))
-    text = bench.readme_table(str(results), str(tmp_path))
+    text = gen.readme_table(str(results), str(tmp_path))
     assert "results/2099-01-01_nvidia-h200_def/results.json" in text and "NVIDIA H200" in text
     assert "18,000" in text and "1.12" in text  # images/s and the speedup over the fastest timm provider
     status = {t["target"]: t["status"] for t in bench.target_status(_fake_gpu_run(res))}
     assert status[bench.TARGETS[0].what].startswith("missed") and "-2% on the ratio to compiled:timm" in \
         status[bench.TARGETS[0].what]
     assert status[bench.TARGETS[1].what] == "not measured"
-    readme = "intro\n" + bench.README_BEGIN + "\nold\n" + bench.README_END + "\nrest\n"
-    assert bench.update_readme(readme, text) == "intro\n" + bench.README_BEGIN + "\n" + text + "\n" + \
-        bench.README_END + "\nrest\n"
-    gen = _load(os.path.join(REPO, "benchmarks", "readme_table.py"))
+    readme = "intro\n" + gen.README_BEGIN + "\nold\n" + gen.README_END + "\nrest\n"
+    assert gen.update_readme(readme, text) == "intro\n" + gen.README_BEGIN + "\n" + text + "\n" + \
+        gen.README_END + "\nrest\n"
     assert gen.main(["--check"]) == 0, "README.md is out of date: run python benchmarks/readme_table.py"
 
 
@@ -210,15 +249,32 @@ def test_timer_takes_quantiles_from_do_bench_on_cuda():
     assert calls[0][2] == [0.0, 0.2, 0.5, 0.8] and calls[1][1] > calls[0][1]
 
 
-def test_bad_arguments_name_the_flag():
-    exe = os.path.join(os.path.dirname(sys.executable), "vit-fast")
-    out = subprocess.run([exe, "bench", "--ops", "attention,nope"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--ops" in out.stderr and "nope" in out.stderr
-    out = subprocess.run([exe, "bench", "--models", "vit_bsae_patch16_224"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and "vit_base_patch16_224" in out.stderr
+def test_bad_arguments_name_the_flag(capsys, tmp_path):
+    from vit_fast.cli import main
+
+    assert main(["bench", "--ops", "attention,nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--ops" in err and "nope" in err
+    assert main(["bench", "--models", "vit_bsae_patch16_224", "--out", str(tmp_path)]) == 2
+    assert "vit_base_patch16_224" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", [*bench.OPS, "model"])
+def test_each_bench_file_is_its_part_of_the_suite_and_of_vit_fast_bench(scripts, monkeypatch, name):
+    import vit_fast.cli
+
+    module = scripts(f"bench_{name}")
+    suite = scripts("suite")
+    (mark,) = [m for m in getattr(module, f"test_{name}").pytestmark if m.name == "parametrize"]
+    assert [str(c) for c in mark.args[1]] == [str(c) for c in suite.pytest_cases(name)] and mark.args[1]
+    argv = []
+    monkeypatch.setattr(vit_fast.cli, "main", lambda a: argv.append(a) or 0)
+    assert suite.script(name, ["--quick"]) == 0
+    only = ["--ops", "none"] if name == "model" else ["--ops", name, "--models", "none"]
+    assert argv == [["bench", *only, "--quick"]]
+
+
+@pytest.mark.subprocess
 def test_gpu_check_without_a_gpu_skips_the_gpu_steps(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py")], capture_output=True,
@@ -298,13 +354,13 @@ def _case(op: str, mode: str, shape: dict, providers: dict) -> list[dict]:
     rows = []
     for name, ms in providers.items():
         kind = "vit_fast" if name.startswith("vit_fast:") else "baseline"
-        row = bench._row("op", op, bench.Provider(name, kind), mode, torch.bfloat16, dict(shape), bench_op.label(shape))
+        row = new_row("op", op, bench.Provider(name, kind), mode, torch.bfloat16, dict(shape), bench_op.label(shape))
         row["tokens"] = bench_op.tokens(shape)
         if isinstance(ms, str):
             row.update(status=ms, reason="for a reason")
         else:
-            bench._derive(row, bench.Timing(ms, ms, ms, ms, None), bench_op.flops(shape, mode),
-                          bench_op.bytes(shape, mode, 2), PEAKS)
+            derive(row, bench.Timing(ms, ms, ms, ms, None), bench_op.flops(shape, mode), bench_op.bytes(shape, mode, 2),
+                   PEAKS)
         rows.append(row)
     return rows
 

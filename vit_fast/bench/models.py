@@ -1,0 +1,196 @@
+"""The end-to-end benchmark: inference and a training step of whole models, vit_fast per backend and
+compiled, against timm's same model, eager and compiled."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import importlib.util
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import vit_fast
+from vit_fast import backends
+from vit_fast.bench.cases import dtype_name, patch_size, seed
+from vit_fast.bench.measure import Budget, check_and_time, compiled, derive, new_row
+from vit_fast.bench.providers import Provider, backend_providers, compile_skip
+from vit_fast.bench.timing import Timer
+from vit_fast.config import ViTConfig, get_config
+
+MODEL_MODES: tuple[str, ...] = ("inference", "train")
+CHECK_PARAMS = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight")
+
+
+def model_flops(cfg: ViTConfig, mode: str) -> int:
+    """Analytic FLOPs per image (a multiply-add is 2). Forward: patch embedding 2 * Np * (C * P * P) * E; per
+    block qkv 2 * N * E * 3E, attention 4 * N * N * E (q k^T and p v over all heads), proj 2 * N * E * E,
+    MLP 4 * N * E * hidden; head 2 * E * classes. Norms, softmax, GELU and adds are left out. A training
+    step is the forward plus a backward of twice the forward, except the patch embedding's input gradient
+    (images need none). ViT-B/16 at 224: 35.1 GFLOP forward."""
+    p = patch_size(cfg)
+    n, e = cfg.num_patches + cfg.num_prefix_tokens, cfg.embed_dim
+    patch = 2 * cfg.num_patches * cfg.in_chans * p * p * e
+    block = 2 * n * e * 3 * e + 4 * n * n * e + 2 * n * e * e + 4 * n * e * cfg.mlp_hidden_dim
+    fwd = patch + cfg.depth * block + 2 * e * cfg.num_classes
+    return fwd if mode == "inference" else 3 * fwd - patch
+
+
+def default_models(device: torch.device, quick: bool) -> list[str]:
+    if device.type == "cuda":
+        return ["vit_base_patch16_224"] if quick else ["vit_small_patch16_224", "vit_base_patch16_224",
+                                                        "vit_base_patch16_384", "vit_large_patch16_224"]
+    return ["vit_tiny_patch4_32"] if quick else ["vit_tiny_patch4_32", "vit_small_patch4_32", "vit_tiny_patch16_224"]
+
+
+def default_batch(name: str, device: torch.device, quick: bool) -> int:
+    if device.type != "cuda":
+        return 8 if quick else 16
+    cfg = get_config(name)
+    return 256 if cfg.num_patches * cfg.embed_dim <= 196 * 768 else 64
+
+
+def timm_model(cfg: ViTConfig) -> torch.nn.Module:
+    """timm's ``VisionTransformer`` with the same architecture (and so the same parameter names)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    kw = cfg.to_dict()
+    eps = kw.pop("norm_eps")
+    return TimmViT(**kw, norm_layer=partial(torch.nn.LayerNorm, eps=eps))
+
+
+def _timm_copy(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+    model = timm_model(cfg)
+    model.load_state_dict(base.state_dict())
+    return model.to(next(base.parameters()).device)
+
+
+def _ours(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(base)
+
+
+def model_providers(device: torch.device, dtype: torch.dtype, *, quick: bool, allow_compile: bool = True,
+                    ) -> list[Provider]:
+    """vit_fast per backend, ``auto`` when it mixes backends, vit_fast compiled, timm eager and compiled."""
+    out = backend_providers(_ours, device)
+    with vit_fast.set_backend("auto"):
+        picked = set(backends.explain(device, dtype).picked.values())
+    same = f"auto picks {next(iter(picked))} for every op: the same as vit_fast:{next(iter(picked))}"
+    out.append(Provider("vit_fast:auto", "vit_fast", _ours, lambda: vit_fast.set_backend("auto"),
+                        skip=same if len(picked) == 1 else None))
+    cskip = compile_skip(device, quick, allow_compile)
+    # compiling a whole training step costs minutes on a GPU too: the full run measures it
+    ctrain = "compiled training step skipped in --quick (compile time); the full run measures it" \
+        if quick and device.type == "cuda" else None
+    out.append(Provider("compiled:vit_fast", "vit_fast", _ours, lambda: vit_fast.set_backend("auto"), compile=True,
+                        skip=cskip, train_skip=ctrain))
+    tskip = None if importlib.util.find_spec("timm") else "timm is not installed (pip install timm)"
+    out.append(Provider("timm:eager", "baseline", _timm_copy, skip=tskip))
+    out.append(Provider("compiled:timm", "baseline", _timm_copy, compile=True, skip=tskip or cskip,
+                        train_skip=ctrain))
+    return out
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.dim() == 2 and logits.shape[-1] > 1:
+        return F.cross_entropy(logits.float(), labels % logits.shape[-1])
+    return logits.float().square().mean()  # no classifier head (num_classes=0): any scalar of the features
+
+
+def _train_grads(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 amp: torch.dtype | None) -> list[torch.Tensor]:
+    with _autocast(images.device, amp):
+        loss = _loss(model(images), labels)
+    loss.backward()
+    named = dict(getattr(model, "_orig_mod", model).named_parameters())  # a compiled module prefixes the names
+    grads = [named[n].grad.detach().clone() for n in CHECK_PARAMS if n in named]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+class _ModelCase:
+    """One model, batch, dtype and mode: the inputs, what a provider must agree with, and how a provider's
+    model is prepared and stepped."""
+
+    def __init__(self, cfg: ViTConfig, base: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 mode: str, dtype: torch.dtype) -> None:
+        self.cfg, self.base, self.images, self.labels, self.mode, self.dtype = cfg, base, images, labels, mode, dtype
+        self.amp = None if dtype == torch.float32 else dtype
+        oracle_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+        with vit_fast.set_backend("reference"):
+            if mode == "inference":
+                with torch.no_grad():
+                    oracle = [copy.deepcopy(base).to(oracle_dtype).eval()(images.to(oracle_dtype))]
+                    same = [copy.deepcopy(base).to(dtype).eval()(images.to(dtype))]
+            else:
+                oracle = _train_grads(copy.deepcopy(base).to(oracle_dtype).train(), images.to(oracle_dtype), labels,
+                                      None)
+                same = _train_grads(copy.deepcopy(base).train(), images, labels, self.amp)
+        self.expect = (same, oracle)
+
+    def precision(self) -> str:
+        if self.mode == "inference":
+            return f"{dtype_name(self.dtype)} weights"
+        return f"autocast {dtype_name(self.amp)}" if self.amp else "float32"
+
+    def prepare(self, p: Provider) -> tuple[Callable[[], list[torch.Tensor]], Callable[[], None]]:
+        """(first call: the outputs or gradients to check, one timed step) for the provider's model."""
+        model = p.fn(self.cfg, self.base)
+        if self.mode == "inference":
+            net = compiled(model.to(self.dtype).eval(), p)
+            x = self.images.to(self.dtype)
+
+            def infer() -> list[torch.Tensor]:
+                with torch.no_grad():
+                    return [net(x)]
+
+            return infer, infer
+        net = compiled(model.train(), p)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step() -> None:
+            with _autocast(self.images.device, self.amp):
+                loss = _loss(net(self.images), self.labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return (lambda: _train_grads(net, self.images, self.labels, self.amp)), train_step
+
+
+def bench_model(name: str, batch: int, dtype: torch.dtype, device: torch.device, providers: Sequence[Provider],
+                modes: Sequence[str], timer: Timer, peaks: dict, budget: Budget | None = None,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Inference (weights in ``dtype``) and a training step (fp32 weights, autocast ``dtype`` unless fp32,
+    forward + backward + AdamW) per provider: images/s, TFLOP/s, peak memory, compile time separately."""
+    cfg = get_config(name)
+    seed(name, batch, dtype_name(dtype))
+    base = vit_fast.VisionTransformer(cfg).to(device)
+    images = torch.randn(batch, cfg.in_chans, *(g * patch_size(cfg) for g in cfg.grid_size), device=device)
+    labels = torch.randint(0, max(1, cfg.num_classes), (batch,), device=device)
+    rows = []
+    for mode in modes:
+        case = _ModelCase(cfg, base, images, labels, mode, dtype)
+        for p in providers:
+            row = new_row("model", name, p, mode, dtype, {"B": batch}, f"B{batch}")
+            row.update(batch=batch, precision=case.precision())
+            timing = check_and_time(row, p, partial(case.prepare, p), case.expect, dtype, timer, budget,
+                                    skip=p.train_skip if mode == "train" else None,
+                                    reserve_s=120 if p.compile else 5, heavy=True)
+            gc.collect()  # the provider's model and optimizer are gone: give their memory back
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if timing is not None:
+                derive(row, timing, model_flops(cfg, mode) * batch, None, peaks)
+                row["images_per_s"] = batch / (row["median_ms"] * 1e-3)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows

@@ -1,0 +1,51 @@
+"""The ceilings of the benchmarked machine, measured at the start of the same run as the figures."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from vit_fast.bench.cases import dtype_name
+from vit_fast.bench.timing import CPU_WORKING_SET, Timer
+
+
+def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dtype]) -> dict:
+    """The ceilings of this machine, measured now. Each is the fastest repeat: a peak is what the machine can
+    reach.
+
+    - FLOP/s: a large matmul per dtype of the run (and bf16 on CUDA); per dtype because the dtypes differ by
+      several times (tensor cores, AMX).
+    - Bandwidth: the best of a large copy (bytes read + written), a large reduction (bytes read) and, on CPU,
+      a copy from the rotated working set into a small buffer that stays in cache: an op's fresh output
+      usually lands in a recently freed, cached block while its rotated inputs come from memory, and this
+      copy has that same pattern. CUDA: 1 GiB, far beyond any L2 (do_bench flushes the L2 anyway); CPU: the
+      working set the ops rotate through.
+    """
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else (1024 if timer.quick else 2048)
+    matmul = {}
+    for dt in dict.fromkeys([*([torch.bfloat16] if cuda else []), *dtypes]):
+        a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
+        ms = timer.best_ms(lambda a=a, b=b: torch.mm(a, b))
+        matmul[dtype_name(dt)] = 2 * n**3 / (ms * 1e-3) / 1e12
+    nbytes = 2**30 if cuda else CPU_WORKING_SET
+    bandwidth = _bandwidth_peaks(device, timer, nbytes)
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"matmul_tflops": matmul, "matmul": f"{n}x{n}x{n}", "bandwidth": bandwidth,
+            "bandwidth_of": f"{nbytes // 2**20} MiB {'device memory' if cuda else 'working set'}",
+            "bandwidth_gbps": max(bandwidth.values())}
+
+
+def _bandwidth_peaks(device: torch.device, timer: Timer, nbytes: int) -> dict[str, float]:
+    src = torch.randn(nbytes // 4, device=device)
+    half, dst = src[: src.numel() // 2], torch.empty(src.numel() // 2, device=device)
+    bandwidth = {"copy": nbytes / (timer.best_ms(lambda: dst.copy_(half)) * 1e-3) / 1e9,
+                 "read": nbytes / (timer.best_ms(lambda: src.sum()) * 1e-3) / 1e9}
+    if device.type == "cpu":
+        chunks, hot = src.view(-1, 2**18), torch.empty(2**18)  # 1 MiB each
+        cycle = itertools.cycle(chunks)
+        bandwidth["copy to cache"] = 2 * 2**20 / (timer.best_ms(lambda: hot.copy_(next(cycle))) * 1e-3) / 1e9
+    return bandwidth
