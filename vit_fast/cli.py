@@ -45,6 +45,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vit_fast.predict import run
+
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"vit-fast predict: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vit_fast.report import run
+
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vit-fast report: error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-fast", description="vit_fast: a fast Vision Transformer for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,28 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Time every vit_fast backend beside PyTorch SDPA (each backend forced), eager "
                            "PyTorch, torch.compile and timm, after checking each against the reference; write "
                            "results.json, report.md and plots.")
-    bench.add_argument("--quick", action="store_true", help="a few shapes per op and one model (minutes, not hours)")
-    bench.add_argument("--ops", nargs="+", metavar="OP",
-                       help="ops to measure, space- or comma-separated, or 'none' (default: attention layer_norm "
-                       "layernorm_mlp patch_embed)")
-    bench.add_argument("--models", nargs="+", metavar="NAME",
-                       help="model presets to measure, or 'none' (default: vit_base_patch16_224 on CUDA, "
-                       "vit_tiny_patch4_32 on CPU; more in a full run)")
-    bench.add_argument("--dtype", nargs="+", metavar="DTYPE",
-                       help="float32, float16, bfloat16 (default: bfloat16 on CUDA, plus float16 and float32 in a "
-                       "full run; float32 on CPU); models use the first")
-    bench.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if visible)")
-    bench.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
-    bench.add_argument("--batch-size", type=int, default=None, help="model batch (default: 256 on CUDA, 64 for models "
-                       "larger than ViT-B/16 at 224; on CPU 8 with --quick, else 16)")
-    bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
-    bench.add_argument("--budget-s", type=float, default=None,
-                       help="start no measurement after this many seconds; the rest are recorded as skipped")
-    bench.add_argument("--compare", metavar="RESULTS_JSON", default=None,
-                       help="flag rows slower than in this earlier results.json by more than the noise")
-    bench.add_argument("--threads", type=int, default=None,
-                       help="CPU threads (default: torch's); 1 keeps timings stable on a busy machine")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from vit_fast.bench.cli import add_bench_arguments
+
+    add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
     from vit_fast.train import add_train_arguments
 
@@ -89,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --init. Under torchrun each process takes a share of every batch (DDP).")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+    from vit_fast.predict import add_predict_arguments
+
+    predict = sub.add_parser("predict", help="classify image files with a trained model; attention-map overlays",
+                             description="Top-k classes for image files, folders or globs, from a `vit-fast train` "
+                             "run directory, a checkpoint or a preset, with the model's preprocessing; optionally "
+                             "one PNG per image with its attention map (rollout or one layer's class token) "
+                             "computed alongside the fast forward.")
+    add_predict_arguments(predict)
+    predict.set_defaults(func=_cmd_predict)
+    from vit_fast.report import add_report_arguments
+
+    report = sub.add_parser("report", help="training runs side by side: accuracy, size, GFLOPs, speed, curves",
+                            description="A markdown table of `vit-fast train` runs (top-1, top-5, parameters, "
+                            "GFLOPs per image, training and inference images/s, wall time) and a PNG of their "
+                            "curves.")
+    add_report_arguments(report)
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
