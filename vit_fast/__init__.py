@@ -7,23 +7,32 @@ Public names: :class:`ViTConfig`, :class:`VisionTransformer`, :func:`create_mode
 __version__ = "0.1.0"
 
 from vit_fast import ops  # noqa: E402
+from vit_fast.attn_maps import attention_maps  # noqa: E402
 from vit_fast.backends import BackendUnavailableError, explain, get_backend, set_backend  # noqa: E402
 from vit_fast.config import ViTConfig, list_models  # noqa: E402
-from vit_fast.model import VisionTransformer, create_model  # noqa: E402
-from vit_fast.weights import from_timm, load_checkpoint, resample_pos_embed  # noqa: E402
+from vit_fast.factory import create_model, from_timm  # noqa: E402
+from vit_fast.inference import optimize_for_inference  # noqa: E402
+from vit_fast.model import VisionTransformer  # noqa: E402
+from vit_fast.quantize import load_quantized, quantize, save_quantized  # noqa: E402
+from vit_fast.weights import load_checkpoint, resample_pos_embed  # noqa: E402
 
 __all__ = [
     "__version__",
     "BackendUnavailableError",
     "ViTConfig",
     "VisionTransformer",
+    "attention_maps",
     "create_model",
     "explain",
     "from_timm",
     "get_backend",
     "list_models",
     "load_checkpoint",
+    "load_quantized",
+    "optimize_for_inference",
+    "quantize",
     "ops",
     "resample_pos_embed",
+    "save_quantized",
     "set_backend",
 ]

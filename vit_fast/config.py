@@ -17,8 +17,8 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 class ViTConfig:
     """A ViT's architecture and regularization, under timm ``VisionTransformer``'s argument names.
 
-    Derived fields (``grid_size``, ``num_patches``, ``num_prefix_tokens``, ``head_dim``, ``mlp_hidden_dim``)
-    are filled in by ``__post_init__`` and are not constructor arguments.
+    Derived fields (``grid_size``, ``num_patches``, ``num_prefix_tokens``, ``embed_len``, ``use_fc_norm``,
+    ``head_dim``, ``mlp_hidden_dim``) are filled in by ``__post_init__`` and are not constructor arguments.
     """
 
     img_size: int | tuple[int, int] = 224
@@ -32,6 +32,11 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     class_token: bool = True
+    reg_tokens: int = 0  # register tokens after the class token (Darcet et al., "Vision Transformers Need Registers")
+    no_embed_class: bool = False  # the position embedding covers the patches only, not the prefix tokens
+    pre_norm: bool = False  # a LayerNorm before the blocks, and no patch-projection bias (CLIP's layout)
+    final_norm: bool = True
+    fc_norm: bool | None = None  # final norm after pooling; None: on for the avg/max pools (timm's default)
     drop_rate: float = 0.0  # before the head
     pos_drop_rate: float = 0.0  # after the position embedding
     proj_drop_rate: float = 0.0  # after attn.proj and inside the MLP
@@ -42,6 +47,8 @@ class ViTConfig:
     grid_size: tuple[int, int] = field(init=False)
     num_patches: int = field(init=False)
     num_prefix_tokens: int = field(init=False)
+    embed_len: int = field(init=False)  # rows of pos_embed
+    use_fc_norm: bool = field(init=False)
     head_dim: int = field(init=False)
     mlp_hidden_dim: int = field(init=False)
 
@@ -58,11 +65,13 @@ class ViTConfig:
         for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
-        if self.num_classes < 0 or self.depth < 1 or self.in_chans < 1:
-            raise ValueError("num_classes must be >= 0, depth and in_chans >= 1")
+        if self.num_classes < 0 or self.depth < 1 or self.in_chans < 1 or self.reg_tokens < 0:
+            raise ValueError("num_classes and reg_tokens must be >= 0, depth and in_chans >= 1")
         self.grid_size = (img[0] // patch[0], img[1] // patch[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.num_prefix_tokens = 1 if self.class_token else 0
+        self.num_prefix_tokens = int(self.class_token) + self.reg_tokens
+        self.embed_len = self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+        self.use_fc_norm = self.global_pool in ("avg", "max", "avgmax") if self.fc_norm is None else self.fc_norm
         self.head_dim = self.embed_dim // self.num_heads
         self.mlp_hidden_dim = int(self.embed_dim * self.mlp_ratio)
 

@@ -1,23 +1,69 @@
 """The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words"), with timm's module and
 parameter names so timm checkpoints load unchanged. Every hot-path computation goes through
 ``vit_fast.ops``: patch embedding, LayerNorm, attention, and the whole LayerNorm -> fc1 -> GELU -> fc2
-(+ residual) branch are one call each; the backend that runs them is chosen in ``vit_fast.backends``."""
+(+ residual) branch are one call each; the backend that runs them is chosen in ``vit_fast.backends``.
+
+Around the forward, the model speaks timm's model API: ``pretrained_cfg``, ``reset_classifier``,
+``group_matcher`` (layer-wise LR decay), ``forward_intermediates`` / ``prune_intermediate_layers`` /
+``feature_info`` (backbones), ``set_input_size``; and it traces with ``torch.fx``."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vit_fast import ops
-from vit_fast.config import ViTConfig, get_config
+from vit_fast.config import ViTConfig, _pair
+from vit_fast.pretrained import config_pretrained_cfg
+
+# torch.fx traces Python with Proxy tensors, but the ops validate and dispatch on real shapes, dtypes and devices.
+# These module-level wrappers are leaves to FX (torch.fx.wrap patches this module's globals while tracing), so a
+# traced graph calls each op whole, and the call still goes through ``ops.<name>`` at run time.
+
+
+@torch.fx.wrap
+def _patch_embed(*args, **kwargs) -> torch.Tensor:
+    return ops.patch_embed(*args, **kwargs)
+
+
+@torch.fx.wrap
+def _layer_norm(*args, **kwargs) -> torch.Tensor:
+    return ops.layer_norm(*args, **kwargs)
+
+
+@torch.fx.wrap
+def _attention(*args, **kwargs) -> torch.Tensor:
+    return ops.attention(*args, **kwargs)
+
+
+@torch.fx.wrap
+def _layernorm_mlp(*args, **kwargs) -> torch.Tensor:
+    return ops.layernorm_mlp(*args, **kwargs)
+
+
+@torch.fx.wrap
+def _checked_images(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
+    """``x`` itself, after checking it is a batch of ``img_size`` images (a shape test FX must not trace)."""
+    if x.dim() == 4 and tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f"images must be {img_size[0]}x{img_size[1]} for this model; got {tuple(x.shape)} "
+            "(model.set_input_size(img_size=...) or loading weights into a model of the new size resamples the "
+            "position embedding)"
+        )
+    return x
 
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters) computed by :func:`vit_fast.ops.layer_norm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+        return _layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
 class DropPath(nn.Module):
@@ -27,11 +73,11 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E)
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1)
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)  # (B, 1, 1); fixed rank keeps it FX-traceable
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -43,22 +89,28 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.img_size = (cfg.grid_size[0] * _pair(cfg.patch_size)[0], cfg.grid_size[1] * _pair(cfg.patch_size)[1])
         self.patch_size = _pair(cfg.patch_size)
-        self.grid_size = cfg.grid_size
-        self.num_patches = cfg.num_patches
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.set_input_size(cfg.img_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
+                              bias=not cfg.pre_norm)
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        self.img_size = _pair(img_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def feat_ratio(self) -> tuple[int, int]:
+        return self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(
         self, x: torch.Tensor, cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if x.dim() == 4 and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"images must be {self.img_size[0]}x{self.img_size[1]} for this model; got {tuple(x.shape)} "
-                "(load weights into a model of the new size to resample the position embedding)"
-            )
+        x = _checked_images(x, self.img_size)
         # (B, C, H, W) -> (B, [1+]N, E)
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed)
+        return _patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed)
 
 
 class Attention(nn.Module):
@@ -76,7 +128,7 @@ class Attention(nn.Module):
         B, N, E = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), strided views: no copy
-        o = ops.attention(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+        o = _attention(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         o = o.transpose(1, 2).reshape(B, N, E)  # (B, N, H*D); a view when o's memory is (B, N, H, D)
         return self.proj_drop(self.proj(o))
 
@@ -108,82 +160,192 @@ class Block(nn.Module):
         n, fc1, fc2 = self.norm2, self.mlp.fc1, self.mlp.fc2
         p = self.proj_drop if self.training else 0.0
         if isinstance(self.drop_path2, DropPath) and self.training:
-            mlp = ops.layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
-                                    dropout_p=p)
+            mlp = _layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
+                                 dropout_p=p)
             return x + self.drop_path2(mlp)
-        return ops.layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
-                                 residual=x, dropout_p=p)
+        return _layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
+                              residual=x, dropout_p=p)
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Resample a learned (1, prefix + H*W, E) position embedding to another patch grid.
+
+    Bicubic interpolation (antialiased when shrinking) over the grid in float32; the prefix (class token)
+    rows are kept apart and unchanged. ``old_grid`` defaults to the square grid the length implies.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, e = grid.shape[1], grid.shape[2]
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} patch positions, not a square grid: pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"old_grid {old_grid} does not match the {n} patch positions of pos_embed")
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    dtype = pos_embed.dtype
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], e).permute(0, 3, 1, 2)  # (1, E, h, w)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], e).to(dtype)  # (1, H*W, E)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's index convention: None = every block, an int n = the last n, a sequence = those (negative from
+    the end). Returns the absolute indices and the largest."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n index {indices} is out of range (1 to {num_blocks})")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < num_blocks]
+        if bad or not take:
+            raise ValueError(f"block indices {list(indices)} are out of range (0 to {num_blocks - 1})")
+    return take, max(take)
 
 
 class VisionTransformer(nn.Module):
     """ViT for image classification, built from a :class:`ViTConfig`.
 
-    ``forward(images (B, C, H, W)) -> logits (B, num_classes)`` (pooled features when ``num_classes=0``).
+    ``forward(images (B, C, H, W)) -> logits (B, num_classes)`` (pooled features when ``num_classes=0``, the
+    (B, [prefix+]N, E) tokens when also ``global_pool=''``). ``self.config`` always describes the modules,
+    also after ``reset_classifier``, ``set_input_size`` and ``prune_intermediate_layers``.
     """
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         cfg = self.config = config
         self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = cfg.num_prefix_tokens
-        self.embed_dim = self.num_features = cfg.embed_dim
+        self.num_reg_tokens = cfg.reg_tokens
+        self.has_class_token = cfg.class_token
+        self.no_embed_class = cfg.no_embed_class
+        self.embed_dim = self.num_features = self.head_hidden_size = cfg.embed_dim
         self.grad_checkpointing = False
+        self.pretrained_cfg = config_pretrained_cfg(cfg)  # the factory puts the preset's (tag's) config here
 
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, cfg.embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, cfg.embed_dim)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_len, cfg.embed_dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        self.norm_pre = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         # stochastic depth decay rule: linear from 0 to drop_path_rate over the blocks
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.Sequential(*[Block(cfg, drop_path=dpr[i]) for i in range(cfg.depth)])
-        # timm: the final norm moves after pooling ("fc_norm") for average/max pooling.
-        use_fc_norm = cfg.global_pool in ("avg", "max", "avgmax")
-        self.norm = nn.Identity() if use_fc_norm else LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.fc_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        reduction = self.patch_embed.feat_ratio()[0]
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.embed_dim, reduction=reduction)
+                             for i in range(cfg.depth)]
+        # timm: the final norm moves after pooling ("fc_norm") for average/max pooling unless told otherwise.
+        final = cfg.final_norm
+        self.norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if final and not cfg.use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if final and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """timm's initialization: truncated normal(0.02) for Linear weights and the position embedding,
-        zero biases, normal(1e-6) for the class token; the patch projection keeps PyTorch's Conv2d init."""
+        zero biases, normal(1e-6) for the class and register tokens; the patch projection keeps PyTorch's."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    # ---- timm's optimizer and training hooks -----------------------------------------------------------------
+
     def no_weight_decay(self) -> set[str]:
         """Parameters that take no weight decay besides norms and biases (timm's convention)."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay, as timm's ViT: the embeddings (group 0), one group per block,
+        then the final norm; parameters no pattern matches (fc_norm, head) go with the last group."""
+        return {"stem": r"^(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,))]}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward instead of storing them."""
         self.grad_checkpointing = enable
 
+    # ---- head, pooling and input size ------------------------------------------------------------------------
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new, freshly initialized head for ``num_classes`` classes (Identity for 0)."""
-        self.num_classes = num_classes
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialized head for ``num_classes`` classes (Identity for 0), on the model's device and
+        dtype and in its train/eval mode; ``global_pool`` (when given) changes the pooling, the norm stays put."""
         self.config = self.config.replace(num_classes=num_classes)
+        if global_pool is not None:  # the norm's place was chosen by the old pooling: keep it explicitly
+            self.config = self.config.replace(global_pool=global_pool, fc_norm=self.config.use_fc_norm)
+        self.num_classes, self.global_pool = num_classes, self.config.global_pool
         p = next(self.parameters())
         self.head = nn.Identity()
         if num_classes:
             self.head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None,
+                       patch_size: int | tuple[int, int] | None = None) -> None:
+        """Take images of ``img_size`` from now on: the position embedding is resampled in place (bicubic, as a
+        checkpoint load would), keeping its device, dtype and ``requires_grad``."""
+        if patch_size is not None and _pair(patch_size) != self.patch_embed.patch_size:
+            raise ValueError("set_input_size cannot change the patch size of vit_fast models (only img_size)")
+        if img_size is None:
+            return
+        old_grid = self.patch_embed.grid_size
+        self.config = self.config.replace(img_size=img_size)  # validates divisibility by the patch size
+        self.patch_embed.set_input_size(img_size)
+        if self.patch_embed.grid_size != old_grid:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                pe = resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_grid, prefix)
+            self.pos_embed = nn.Parameter(pe, requires_grad=self.pos_embed.requires_grad)
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, prefix+N, E) tokens: [class, registers..., patches] + position embedding."""
+        if self.reg_token is None:  # one fused op: projection, class token and position embedding
+            x = self.patch_embed(x, self.cls_token, self.pos_embed)  # (B, [1+]N, E)
+        else:
+            x = self.patch_embed(x, None, self.pos_embed if self.no_embed_class else None)  # (B, N, E)
+            prefix = [self.reg_token.expand(x.shape[0], -1, -1)]
+            if self.cls_token is not None:
+                prefix.insert(0, self.cls_token.expand(x.shape[0], -1, -1))
+            x = torch.cat(prefix + [x], dim=1)  # (B, prefix+N, E)
+            if not self.no_embed_class:
+                x = x + self.pos_embed
+        return self.norm_pre(self.pos_drop(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, [1+]N, E) normalized tokens."""
-        x = self.patch_embed(x, self.cls_token, self.pos_embed)  # (B, 1+N, E)
-        x = self.pos_drop(x)
+        """(B, C, H, W) images -> (B, prefix+N, E) normalized tokens."""
+        x = self._embed(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
             for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -191,21 +353,90 @@ class VisionTransformer(nn.Module):
             x = self.blocks(x)
         return self.norm(x)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, [1+]N, E) -> (B, E) per ``global_pool`` (tokens unchanged for '')."""
-        if self.global_pool == "token":
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> list | tuple[torch.Tensor, list] | dict:
+        """The outputs of the blocks ``indices`` (timm's convention: None all, n the last n, a list those), as
+        (B, E, h, w) maps (``output_fmt='NCHW'``) or (B, N, E) tokens (``'NLC'``), prefix tokens stripped (or
+        returned beside them with ``return_prefix_tokens``), through the final norm with ``norm``.
+
+        Returns ``(forward_features(x), intermediates)``, or the intermediates alone with ``intermediates_only``,
+        or timm's dict (``image_features``, ``image_intermediates``[, ``image_intermediates_prefix``]).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in intermediates] if n else None  # each (B, prefix, E)
+        intermediates = [y[:, n:] for y in intermediates]  # each (B, h*w, E)
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the blocks ``indices`` do not need: later blocks, the final norm (``prune_norm``), the head and
+        its pooling (``prune_head``). Returns the absolute indices to pass to ``forward_intermediates``."""
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.config = self.config.replace(depth=last + 1)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        self.config = self.config.replace(
+            final_norm=not all(isinstance(m, nn.Identity) for m in (self.norm, self.fc_norm)),
+            fc_norm=not isinstance(self.fc_norm, nn.Identity))
+        return take
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """(B, prefix+N, E) -> (B, E) per ``global_pool`` (tokens unchanged for '')."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens :]  # (B, N, E)
-        if self.global_pool == "avg":
+        if pool_type == "avg":
             return patches.mean(dim=1)
-        if self.global_pool == "max":
+        if pool_type == "max":
             return patches.amax(dim=1)
-        if self.global_pool == "avgmax":
+        if pool_type == "avgmax":
             return 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, [1+]N, E) tokens -> (B, num_classes) logits, or the pooled (B, E) features with ``pre_logits``."""
+        """(B, prefix+N, E) tokens -> (B, num_classes) logits, or the pooled (B, E) features with ``pre_logits``."""
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
@@ -217,27 +448,34 @@ class VisionTransformer(nn.Module):
         return f"params={n / 1e6:.2f}M"
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def layer_ids(model: VisionTransformer) -> dict[str, int]:
+    """Parameter name -> layer for layer-wise LR decay, read from ``model.group_matcher()`` the way timm's optimizer
+    factory reads it (without needing timm): the embeddings 0, block i i + 1 with the final norm in the last block's
+    layer, then the parameters no pattern matches (fc_norm, head) one layer above."""
+    matcher = model.group_matcher()
+    join_previous = 99999  # timm's suffix for "same layer as the group before" (the final norm)
 
+    def key(name: str) -> tuple[float, ...]:
+        if re.match(matcher["stem"], name):
+            return (0,)
+        for pattern, suffix in matcher["blocks"]:
+            hit = re.match(pattern, name)
+            if hit:
+                return (1, *(int(g) for g in hit.groups()), *(suffix or ()))
+        return (math.inf,)
 
-def create_model(name: str, *, checkpoint_path: str | None = None, **overrides: object) -> VisionTransformer:
-    """Build the preset ``name`` (timm's model names; see :func:`vit_fast.list_models`).
-
-    ``overrides`` are :class:`ViTConfig` fields (``num_classes=10``, ``img_size=384``, ``drop_path_rate=0.1``);
-    ``checkpoint_path`` loads weights through :func:`vit_fast.load_checkpoint` (timm or Hugging Face layout,
-    position embedding resampled to the model's grid).
-    """
-    model = VisionTransformer(get_config(name, **overrides))
-    if checkpoint_path is not None:
-        from vit_fast.weights import load_checkpoint
-
-        load_checkpoint(model, checkpoint_path)
-    return model
+    keys = {name: key(name) for name, _ in model.named_parameters()}
+    rank, layer = {}, -1
+    for k in sorted(set(keys.values())):
+        if layer < 0 or k[-1] != join_previous:
+            layer += 1
+        rank[k] = layer
+    return {name: rank[k] for name, k in keys.items()}
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "LayerNorm", "create_model"]
+__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "LayerNorm", "layer_ids",
+           "resample_pos_embed"]

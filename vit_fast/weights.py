@@ -10,61 +10,33 @@ are fused into ``qkv`` and names are mapped, for both the classic layout of the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from vit_fast.config import ViTConfig
-from vit_fast.model import VisionTransformer
+from vit_fast.model import VisionTransformer, resample_pos_embed
+
+__all__ = ["config_from_timm", "convert_hf_state_dict", "load_checkpoint", "read_state_dict", "resample_pos_embed"]
 
 HF_LAYER_NORM_EPS = 1e-12  # transformers' ViTConfig default
-
-
-def resample_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: tuple[int, int],
-    old_grid: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 1,
-) -> torch.Tensor:
-    """Resample a learned (1, prefix + H*W, E) position embedding to another patch grid.
-
-    Bicubic interpolation (antialiased when shrinking) over the grid in float32; the prefix (class token)
-    rows are kept apart and unchanged. ``old_grid`` defaults to the square grid the length implies.
-    """
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    n, e = grid.shape[1], grid.shape[2]
-    if old_grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"pos_embed has {n} patch positions, not a square grid: pass old_grid")
-        old_grid = (side, side)
-    if old_grid[0] * old_grid[1] != n:
-        raise ValueError(f"old_grid {old_grid} does not match the {n} patch positions of pos_embed")
-    if tuple(new_grid) == tuple(old_grid):
-        return pos_embed
-    dtype = pos_embed.dtype
-    grid = grid.float().reshape(1, old_grid[0], old_grid[1], e).permute(0, 3, 1, 2)  # (1, E, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], e).to(dtype)  # (1, H*W, E)
-    return torch.cat([prefix, grid], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------- timm
 
 _TIMM_UNSUPPORTED = [  # (attribute test, what it is): features vit_fast's ViT does not have
-    (lambda m: getattr(m, "reg_token", None) is not None, "register tokens (reg_tokens > 0)"),
-    (lambda m: getattr(m, "no_embed_class", False), "no_embed_class=True"),
     (lambda m: getattr(m, "dynamic_img_size", False), "dynamic_img_size=True"),
     (lambda m: getattr(m, "attn_pool", None) is not None, "attention pooling (global_pool 'map'/'prr')"),
-    (lambda m: not isinstance(getattr(m, "norm_pre", torch.nn.Identity()), torch.nn.Identity), "pre_norm=True"),
     (lambda m: getattr(m, "pos_embed", None) is None, "no position embedding"),
+    (lambda m: getattr(m, "pool_include_prefix", False), "pool_include_prefix=True"),
     (lambda m: not isinstance(getattr(m.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity),
      "a norm inside the patch embedding"),
+    (lambda m: getattr(m.patch_embed, "dynamic_img_pad", False), "dynamic_img_pad=True"),
+    (lambda m: (m.patch_embed.proj.bias is None) != (not isinstance(m.norm_pre, torch.nn.Identity)),
+     "a patch-projection bias that does not follow pre_norm"),
     (lambda m: not isinstance(getattr(m, "patch_drop", torch.nn.Identity()), torch.nn.Identity), "patch dropout"),
 ]
 _TIMM_BLOCK_UNSUPPORTED = [
@@ -98,10 +70,7 @@ def config_from_timm(timm_model: torch.nn.Module) -> ViTConfig:
         raise ValueError(f"timm model's MLP activation is {act!r}; vit_fast computes exact GELU")
     pool = m.global_pool
     has_fc_norm = not isinstance(m.fc_norm, torch.nn.Identity)
-    if has_fc_norm != (pool in ("avg", "max", "avgmax")):
-        raise ValueError(f"timm model places its final norm {'after' if has_fc_norm else 'before'} pooling "
-                         f"with global_pool {pool!r}; vit_fast follows timm's default placement only")
-    norm = m.fc_norm if has_fc_norm else m.norm
+    has_norm = not isinstance(m.norm, torch.nn.Identity)
     proj = m.patch_embed.proj
     return ViTConfig(
         img_size=_square_or_pair(m.patch_embed.img_size),
@@ -115,28 +84,20 @@ def config_from_timm(timm_model: torch.nn.Module) -> ViTConfig:
         mlp_ratio=blk.mlp.fc1.out_features / m.embed_dim,
         qkv_bias=attn.qkv.bias is not None,
         class_token=m.cls_token is not None,
+        reg_tokens=getattr(m, "num_reg_tokens", 0),
+        no_embed_class=getattr(m, "no_embed_class", False),
+        pre_norm=not isinstance(m.norm_pre, torch.nn.Identity),
+        final_norm=has_norm or has_fc_norm,
+        # timm's default placement stays None (as in the presets); an explicit one is kept
+        fc_norm=None if has_fc_norm == (pool in ("avg", "max", "avgmax")) or not (has_norm or has_fc_norm)
+        else has_fc_norm,
         drop_rate=m.head_drop.p,
         pos_drop_rate=m.pos_drop.p,
         proj_drop_rate=getattr(getattr(attn, "proj_drop", None), "p", 0.0),
         attn_drop_rate=getattr(getattr(attn, "attn_drop", None), "p", 0.0),
         drop_path_rate=float(getattr(m.blocks[-1].drop_path1, "drop_prob", 0.0) or 0.0),
-        norm_eps=norm.eps if hasattr(norm, "eps") else 1e-6,
+        norm_eps=blk.norm1.eps,
     )
-
-
-def from_timm(timm_model: torch.nn.Module) -> VisionTransformer:
-    """A vit_fast model with the architecture and weights of a timm ``VisionTransformer``.
-
-    Its outputs equal timm's (same math, same parameters); the returned model is on timm's device and
-    dtype, in timm's train/eval mode.
-    """
-    cfg = config_from_timm(timm_model)
-    p = next(timm_model.parameters())
-    with torch.device("meta"):
-        model = VisionTransformer(cfg)
-    state = {k: v.detach().clone() for k, v in timm_model.state_dict().items()}  # copies, not shared storage
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=p.device, dtype=p.dtype).train(timm_model.training)
 
 
 # ----------------------------------------------------------------------------------------- Hugging Face
@@ -298,7 +259,8 @@ def load_checkpoint(
         if pe.dim() != 3 or pe.shape[-1] != own["pos_embed"].shape[-1]:
             raise ValueError(f"{label}: pos_embed has shape {tuple(pe.shape)}; the model needs "
                              f"{tuple(own['pos_embed'].shape)}")
-        sd["pos_embed"] = resample_pos_embed(pe, model.config.grid_size, None, model.num_prefix_tokens)
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        sd["pos_embed"] = resample_pos_embed(pe, model.config.grid_size, None, prefix)
     if "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape:
         warnings.warn(f"{label}: head has {sd['head.weight'].shape[0]} classes, the model "
                       f"{model.num_classes}; the head is left freshly initialized", stacklevel=2)

@@ -1,0 +1,168 @@
+"""Pretrained configurations: timm's ``pretrained_cfg`` for every tag of every preset, under timm's keys.
+
+A model's ``pretrained_cfg`` tells data pipelines how its weights expect images (size, mean/std, crop,
+interpolation) and tells loaders where the weights live and which layers are the first conv and the
+classifier. ``timm.data.resolve_data_config(model=m)`` reads it, so a vit_fast model created as
+``vit_base_patch16_224.augreg2_in21k_ft_in1k`` resolves the same preprocessing as timm's model of that name.
+
+The facts are timm's registry (timm 1.0), compacted into the table below; ``tests/test_timm_api.py`` checks
+them against the installed timm, tag by tag. A tag-less name takes the architecture's first tag, as timm does.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from vit_fast.config import PRESETS, ViTConfig, _pair
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # augreg / original JAX weights: pixels in [-1, 1]
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+_APACHE, _NC = "apache-2.0", "cc-by-nc-4.0"
+
+# architecture -> its tags in timm's order (the first is the default): (tag, (mean, std), num_classes, crop_pct,
+# license). All of them: bicubic interpolation, center crop, fixed input size, weights at hf://timm/<arch>.<tag>.
+_TAGS: dict[str, list[tuple]] = {
+    "vit_tiny_patch16_224": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+    ],
+    "vit_tiny_patch16_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
+    "vit_small_patch16_224": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+        ("dino", _IMAGENET, 0, 0.9, _APACHE),
+    ],
+    "vit_small_patch16_384": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+    ],
+    "vit_small_patch32_224": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+    ],
+    "vit_small_patch32_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
+    "vit_base_patch8_224": [
+        ("augreg2_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+        ("dino", _IMAGENET, 0, 0.9, _APACHE),
+    ],
+    "vit_base_patch16_224": [
+        ("augreg2_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("orig_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+        ("sam_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("bamboo", _CLIP, 115217, 1.0, None),
+        ("dino", _IMAGENET, 0, 0.9, _APACHE),
+        ("mae", _IMAGENET, 0, 0.9, _NC),
+    ],
+    "vit_base_patch16_384": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+        ("orig_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+    ],
+    "vit_base_patch32_224": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+        ("sam_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+    ],
+    "vit_base_patch32_384": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
+    ],
+    "vit_large_patch16_224": [
+        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
+        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
+        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
+        ("mae", _IMAGENET, 0, 0.9, _NC),
+    ],
+    "vit_large_patch16_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
+    "vit_large_patch32_384": [("orig_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
+    "vit_huge_patch14_224": [
+        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
+        ("untrained", _INCEPTION, 1000, 0.9, _APACHE),  # a config without weights
+        ("mae", _IMAGENET, 0, 0.9, _NC),
+    ],
+}
+_NO_WEIGHTS = {"untrained"}
+
+# vit_fast's own presets have no published weights; their configs describe the data they are trained on
+# (the normalization of vit_fast.train's datasets) so that data-config resolution stays meaningful.
+_CIFAR100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_DIGITS = ((0.3053,), (0.3760,))
+_OWN = {"vit_tiny_patch4_32": _CIFAR100, "vit_small_patch4_32": _CIFAR100, "vit_nano_patch2_8": _DIGITS}
+
+
+def _cfg(arch: str | None, tag: str | None, norm: tuple, num_classes: int, crop_pct: float, license: str | None,
+         config: ViTConfig) -> dict:
+    """One config dict with timm's keys, in the order of timm's ``PretrainedCfg.to_dict()``. The original
+    (non-Hub) download locations (timm's ``url``, ``custom_load``) are left out: vit_fast loads from the Hub only."""
+    cfg = {
+        "hf_hub_id": f"timm/{arch}.{tag}" if tag and tag not in _NO_WEIGHTS else None,
+        "architecture": arch,
+        "tag": tag,
+        "input_size": (config.in_chans, *_pair(config.img_size)),
+        "fixed_input_size": True,  # a learned position embedding for one grid
+        "interpolation": "bicubic",
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+        "mean": norm[0],
+        "std": norm[1],
+        "num_classes": num_classes,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    if license:
+        cfg["license"] = license
+    return cfg
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``'vit_base_patch16_224.augreg_in1k'`` -> ``('vit_base_patch16_224', 'augreg_in1k')``; no tag -> None."""
+    arch, _, tag = name.partition(".")
+    return arch, tag or None
+
+
+def list_tags(arch: str) -> list[str]:
+    """The pretrained tags of a preset, the default first (empty for vit_fast's own presets)."""
+    return [t[0] for t in _TAGS.get(arch, [])]
+
+
+def get_pretrained_cfg(arch: str, tag: str | None = None, config: ViTConfig | None = None) -> dict:
+    """The pretrained config of ``arch`` (a preset name) for ``tag`` (None: the default tag).
+
+    ``config`` is the architecture the config's input size describes (default: the preset's own).
+    """
+    config = config or PRESETS[arch]
+    tags = _TAGS.get(arch)
+    if not tags:
+        if tag:
+            raise ValueError(f"{arch} has no pretrained tags (it is vit_fast's own preset); got tag {tag!r}")
+        mean_std = _OWN.get(arch, _IMAGENET)
+        return _cfg(arch, None, mean_std, config.num_classes, 1.0 if arch in _OWN else 0.9, None, config)
+    if tag is None:
+        tag = tags[0][0]
+    for t, norm, num_classes, crop_pct, license in tags:
+        if t == tag:
+            return _cfg(arch, t, norm, num_classes, crop_pct, license, config)
+    close = difflib.get_close_matches(tag, list_tags(arch), n=3, cutoff=0.3) or list_tags(arch)
+    raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; known: {', '.join(close)} "
+                     f"(see vit_fast.pretrained.list_tags({arch!r}))")
+
+
+def config_pretrained_cfg(config: ViTConfig) -> dict:
+    """A config for a model built from a bare :class:`ViTConfig` (no preset, no weights): timm's defaults."""
+    return _cfg(None, None, _IMAGENET, config.num_classes, 0.9, None, config)
+
+
+def features_cfg(cfg: dict) -> dict:
+    """The config of a feature backbone: without the classifier entries (as timm's feature wrappers)."""
+    return {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
