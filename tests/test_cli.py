@@ -16,6 +16,7 @@ def _vit_fast_exe() -> str:
     return exe
 
 
+@pytest.mark.subprocess
 def test_info_prints_versions_devices_and_backend_table():
     out = subprocess.run([_vit_fast_exe(), "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -25,6 +26,7 @@ def test_info_prints_versions_devices_and_backend_table():
         assert needle in text, needle
 
 
+@pytest.mark.subprocess
 def test_info_for_another_dtype_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "vit_fast.cli", "info", "--dtype", "float64", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import launches
 
 import vit_fast
 from vit_fast import backends, ops
@@ -35,6 +36,7 @@ def test_unknown_backend_lists_the_valid_ones():
         vit_fast.set_backend("cudnn")
 
 
+@pytest.mark.subprocess
 def test_environment_variable_sets_the_backend():
     code = "import vit_fast; print(vit_fast.get_backend())"
     env = {**os.environ, "VIT_FAST_BACKEND": "reference"}
@@ -53,7 +55,7 @@ def test_cuda_chosen_explicitly_on_cpu_raises_with_every_reason():
     msg = str(err.value)
     assert "backend 'cuda' cannot run attention" in msg
     assert "device cpu not supported" in msg
-    if "cuda" in backends._UNAVAILABLE:
+    if backends.unavailable("cuda"):
         assert "vit_fast._C" in msg
 
 
@@ -65,21 +67,56 @@ def test_float64_with_triton_chosen_explicitly_raises_and_auto_falls_back():
     torch.testing.assert_close(out, ops.attention_ref(q, k, v))
 
 
-def test_auto_picks_the_reference_on_cpu():
+def test_auto_picks_the_reference_on_cpu_and_says_why_not_the_others():
     q, k, v = _qkv()
-    assert backends.select("attention", q, k, v, scale=None, dropout_p=0.0) is backends._OPS["attention"].impls[
-        "reference"].fn
+    chosen = backends.pick("attention", (q, k, v), {"scale": None, "dropout_p": 0.0})
+    assert (chosen.op, chosen.backend) == ("attention", "reference")
+    assert chosen.why.startswith("auto on cpu")
+    assert set(chosen.reasons) == set(backends.BACKENDS) and chosen.reasons["reference"] == []
+    if backends.unavailable("cuda"):
+        assert backends.unavailable("cuda") in chosen.reasons["cuda"]
+    with launches() as rec:
+        ops.attention(q, k, v)
+    assert [(r.op, r.backend, r.phase) for r in rec] == [("attention", "reference", "fwd")]
+
+
+def test_pick_for_an_explicit_backend_follows_the_setting_argument():
+    q, k, v = _qkv()
+    assert backends.pick("attention", (q, k, v), {}, setting="reference").backend == "reference"
+    with pytest.raises(BackendUnavailableError, match="device cpu not supported"):
+        backends.pick("attention", (q, k, v), {}, setting="cuda")
+
+
+def test_reasons_lists_every_reason_not_only_the_first():
+    """float64 and a head dim outside the kernels' range: the Triton backend names both."""
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    why = backends.reasons("triton", "attention", (q, q, q), {"dropout_p": 0.1})
+    if backends.unavailable("triton"):
+        assert why == [backends.unavailable("triton")]
+        return
+    for needle in ("float64", "head dim 8", "dropout_p"):
+        assert any(needle in w for w in why), (needle, why)
+
+
+def test_registry_is_public_data():
+    assert set(backends.ops()) == {"attention", "layer_norm", "layernorm_mlp", "patch_embed"}
+    for op in backends.ops():
+        assert backends.implemented(op)[0] == "reference"
+        assert backends.limits(op, "reference") is None
+        if "triton" in backends.implemented(op):
+            lim = backends.limits(op, "triton")
+            assert torch.float64 not in lim.dtypes and not lim.dropout
 
 
 def test_explain_covers_every_op_and_backend():
     ex = vit_fast.explain("cpu", torch.float32)
-    assert {(r["op"], r["backend"]) for r in ex.rows} == {(o, b) for o in backends.OPS for b in backends.BACKENDS}
-    assert ex.picked == {op: "reference" for op in backends.OPS}
+    assert {(r["op"], r["backend"]) for r in ex.rows} == {(o, b) for o in backends.ops() for b in backends.BACKENDS}
+    assert ex.picked == {op: "reference" for op in backends.ops()}
     assert all(r["available"] for r in ex.rows if r["backend"] == "reference")
     cuda_rows = [r for r in ex.rows if r["backend"] == "cuda"]
     assert all(not r["available"] and r["reasons"] for r in cuda_rows)
     text = str(ex)
-    for op in backends.OPS:
+    for op in backends.ops():
         assert op in text
     assert "<- picked" in text
     with vit_fast.set_backend("cuda"):
@@ -89,10 +126,24 @@ def test_explain_covers_every_op_and_backend():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
 def test_explain_for_cuda_without_a_gpu_says_so():
     ex = vit_fast.explain("cuda")
-    assert ex.dtype == "bfloat16"
+    assert "bfloat16" in ex.title
     for r in ex.rows:
         if r["backend"] != "reference":
             assert r["reasons"][0] == "no CUDA device visible"
+
+
+def test_explain_a_model_on_its_images_per_layer_and_op():
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=2).eval()
+    ex = vit_fast.explain(m, torch.randn(2, 3, 32, 32))
+    layers = {r["where"].split(": ")[0] for r in ex.rows}
+    assert {"patch_embed", "blocks.0-1.attn"} <= layers, layers  # layers that picked alike share a row group
+    assert set(ex.picked.values()) == {"reference"}
+    assert {r["op"] for r in ex.rows} == set(backends.ops())
+    for r in ex.rows:
+        assert r["available"] == (not r["reasons"])
+        if r["backend"] == "cuda":
+            assert any("device cpu not supported" in w or "vit_fast._C" in w for w in r["reasons"]), r
+    assert "<- picked" in str(ex) and "blocks.0-1.attn: attention" in str(ex)
 
 
 def test_model_is_identical_under_auto_and_reference():

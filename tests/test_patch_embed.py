@@ -1,10 +1,7 @@
-"""patch_embed: the reference against patch extraction by reshape + matmul, the public op's validation and
-dispatch, and the Triton kernels (forward and the gradients of images, weight, bias, class token and position
-embedding) against a float64 oracle, on CPU through the interpreter (fp32, fp16) and on a GPU (bf16, fp16,
-ViT-B/16, ViT-L/14, ViT-B/32 at 224).
-
-The oracle is ``patch_embed_ref(..., upcast=True)`` on float64 copies of the inputs, so an fp32 kernel is held to
-twice the error of PyTorch's own fp32 convolution (the scale-aware rule of tests/tolerances.py)."""
+"""patch_embed: the reference against patch extraction by reshape + matmul, the Triton backend's reasons, and the
+Triton kernels (forward and the gradients of images, weight, bias, class token and position embedding) against
+the float64 oracle, on CPU through the interpreter (fp32, fp16) and on a GPU (bf16, fp16, ViT-B/16, ViT-L/14,
+ViT-B/32 at 224). The contract every op keeps is tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -13,47 +10,40 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, check_oracle, launches, leaves, needs_triton, patch_embed_inputs
 from sm90 import compile_for_sm90
-from tolerances import assert_scaled_close
 
 import vit_fast
 from vit_fast import backends
 from vit_fast.ops import patch_embed, patch_embed_ref
+from vit_fast.tolerance import assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = pytest.importorskip("vit_fast.kernels.patch_embed")
-
-needs_triton = pytest.mark.skipif("triton" in backends._UNAVAILABLE, reason=backends._UNAVAILABLE.get("triton", ""))
 
 NAMES = ("images", "weight", "bias", "cls_token", "pos_embed")
 
 
-def _inputs(b, c, h, w, p, e, *, cls=True, pos="1+N", bias=True, dtype=torch.float32, device=DEVICE):
+def _inputs(b, c, h, w, p, e, *, cls=True, pos="1+N", bias=True, dtype=torch.float32, device=DEVICE) -> dict:
     """Fresh random leaves for patch_embed: a dict of NAMES; pos is "1+N", "N" or None."""
-    n = (h // p) * (w // p)
-    k = c * p * p
-
-    def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
-
-    return {
-        "images": leaf(b, c, h, w),
-        "weight": leaf(e, c, p, p, scale=k**-0.5),
-        "bias": leaf(e) if bias else None,
-        "cls_token": leaf(1, 1, e) if cls else None,
-        "pos_embed": None if pos is None else leaf(1, n + (pos == "1+N"), e, scale=0.5),
-    }
+    args, kwargs = patch_embed_inputs(b, c, h, w, p, e, cls=cls, pos=pos, bias=bias, dtype=dtype, device=device)
+    return dict(zip(NAMES, (*args, kwargs["cls_token"], kwargs["pos_embed"]), strict=True))
 
 
 def _leaves(ins: dict, dtype=None) -> dict:
-    return {
-        k: None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
-        for k, t in ins.items()
-    }
+    return leaves(ins, dtype)
 
 
 def _call(fn, ins: dict, **kw):
     return fn(ins["images"], ins["weight"], ins["bias"], cls_token=ins["cls_token"], pos_embed=ins["pos_embed"], **kw)
+
+
+def _check(ins: dict, *, dy=None) -> torch.Tensor:
+    """Triton forward and every gradient vs the float64 oracle by the tolerance rule."""
+    args = (ins["images"], ins["weight"], ins["bias"])
+    out, _ = check_oracle("patch_embed", "triton", args, {"cls_token": ins["cls_token"],
+                                                          "pos_embed": ins["pos_embed"]}, dout=dy)
+    assert out.is_contiguous()
+    return out
 
 
 def _grads(out, ins: dict, dy) -> dict:
@@ -77,44 +67,6 @@ def _manual_patch_embed(images, weight, bias, cls_token, pos_embed):
     if pos_embed is not None and pos_embed.shape[1] == n + 1:
         x = x + pos_embed
     return x
-
-
-@pytest.fixture
-def launches():
-    """Wrap the launchers: proves the Triton kernels (not a fallback) produced what the test checks."""
-    with (
-        mock.patch.object(kernels, "patch_embed_fwd", wraps=kernels.patch_embed_fwd) as fwd,
-        mock.patch.object(kernels, "patch_embed_bwd", wraps=kernels.patch_embed_bwd) as bwd,
-        mock.patch.object(kernels, "_bwd_images", wraps=kernels._bwd_images) as bwd_images,
-        mock.patch.object(kernels, "_bwd_weight", wraps=kernels._bwd_weight) as bwd_weight,
-    ):
-        yield {"fwd": fwd, "bwd": bwd, "bwd_images": bwd_images, "bwd_weight": bwd_weight}
-
-
-def _check_against_oracle(ins: dict, *, dy=None, launches=None) -> torch.Tensor:
-    """Triton forward and every gradient vs the float64 oracle (scale-aware rule)."""
-    with vit_fast.set_backend("triton"):
-        out = _call(patch_embed, ins)
-    oracle_in = _leaves(ins, torch.float64)
-    oracle = _call(patch_embed_ref, oracle_in, upcast=True)
-    low_in = _leaves(ins)
-    low = _call(patch_embed_ref, low_in)
-    assert out.dtype == low.dtype and out.is_contiguous()
-    assert_scaled_close(out, low, oracle, name="out")
-    if launches is not None:
-        assert launches["fwd"].call_count == 1
-    if dy is None:
-        dy = torch.randn(out.shape, device=out.device).to(out.dtype)
-    got = _grads(out, ins, dy)
-    want = _grads(oracle, oracle_in, dy.double())
-    low_grads = _grads(low, low_in, dy)
-    assert got.keys() == want.keys()
-    for name in got:
-        assert got[name].dtype == ins[name].dtype and got[name].shape == ins[name].shape, name
-        assert_scaled_close(got[name], low_grads[name], want[name], name=f"d{name}")
-    if launches is not None:
-        assert launches["bwd"].call_count == 1
-    return out
 
 
 # ---- the reference -----------------------------------------------------------------------------------------------
@@ -157,83 +109,36 @@ def test_reference_gradcheck():
     )
 
 
-def _bad_input_cases():
-    img = torch.randn(2, 3, 8, 8)
-    w = torch.randn(6, 3, 4, 4)
-    b = torch.randn(6)
-    cls = torch.randn(1, 1, 6)
-    return [
-        ((img[0], w, b), {}, ValueError, "images must be 4-D"),
-        (([1.0], w, b), {}, TypeError, "images must be a torch.Tensor"),
-        ((img.long(), w, b), {}, TypeError, "images must be a floating-point"),
-        ((img, w[0], b), {}, ValueError, "weight must be 4-D"),
-        ((img, torch.randn(6, 1, 4, 4), b), {}, ValueError, "weight must have shape"),
-        ((img[..., :6], w, b), {}, ValueError, "divisible by the patch size"),
-        ((img, w, torch.randn(5)), {}, ValueError, "bias must have shape"),
-        ((img, w, b.int()), {}, TypeError, "bias must be a floating-point"),
-        ((img, w, b), {"cls_token": torch.randn(1, 6)}, ValueError, "cls_token must be 3-D"),
-        ((img, w, b), {"cls_token": torch.randn(1, 1, 5)}, ValueError, "cls_token must have shape"),
-        ((img, w, b), {"pos_embed": torch.randn(1, 5, 6)}, ValueError, "pos_embed must have shape"),
-        ((img, w, b), {"cls_token": cls, "pos_embed": torch.randn(1, 6, 6)}, ValueError, "pos_embed must have shape"),
-        ((img, w, b), {"pos_embed": torch.randn(2, 4, 6)}, ValueError, "pos_embed must have shape"),
-        ((img, w, b.to("meta")), {}, ValueError, "one device"),
-        ((img, w, b), {"cls_token": cls.to("meta")}, ValueError, "one device"),
-    ]
-
-
-@pytest.mark.parametrize("case", range(len(_bad_input_cases())))
-def test_bad_inputs_raise(case):
-    args, kwargs, err, match = _bad_input_cases()[case]
-    with pytest.raises(err, match=match):
-        patch_embed(*args, **kwargs)
-
-
-def test_pos_embed_covering_cls_needs_cls_token():
-    img, w = torch.randn(1, 3, 8, 8), torch.randn(6, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"pos_embed must have shape \(1, 4, 6\)"):
-        patch_embed(img, w, None, pos_embed=torch.randn(1, 5, 6))
-
-
-@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
-def test_empty_batch_returns_empty_without_launch(backend, launches):
-    ins = _inputs(0, 3, 8, 8, 4, 6)
-    with vit_fast.set_backend(backend):
-        out = _call(patch_embed, ins)
-    assert out.shape == (0, 5, 6)
-    assert launches["fwd"].call_count == 0
-
-
 # ---- dispatch to the Triton backend ------------------------------------------------------------------------------
 
 
 @needs_triton
-def test_float64_triton_raises_auto_uses_reference(launches):
-    ins = _leaves(_inputs(1, 3, 8, 8, 4, 6, dtype=torch.float64))
-    with vit_fast.set_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="float64"):
-        _call(patch_embed, ins)
-    torch.testing.assert_close(_call(patch_embed, ins), _call(patch_embed_ref, ins))
-    assert launches["fwd"].call_count == 0
-
-
-@needs_triton
-def test_mixed_conv_dtypes_rejected_with_reason(launches):
+def test_mixed_conv_dtypes_rejected_with_reason():
     ins = _inputs(1, 3, 8, 8, 4, 6)
     ins["weight"] = ins["weight"].detach().half()
     args = (ins["images"], ins["weight"], ins["bias"])
     why = backends.reasons("triton", "patch_embed", args, {"cls_token": None, "pos_embed": None})
-    assert "weight dtype float16 differs from images dtype float32" in why
+    assert any("weight dtype float16 differs from images dtype float32" in r for r in why)
     with vit_fast.set_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="weight dtype"):
         patch_embed(*args)
-    assert launches["fwd"].call_count == 0
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 tl.dot problem concerns CPU tensors only")
-def test_bf16_rejected_under_interpreter(launches):
+@needs_triton
+def test_bf16_under_the_interpreter_is_refused_where_its_dot_is_wrong_else_exact():
+    """Triton issue 11584: some interpreters multiply raw bf16 bit patterns in tl.dot. Where this one does, bf16
+    is refused with that reason (auto runs the reference); where it does not, bf16 meets the oracle."""
     ins = _leaves(_inputs(1, 3, 8, 8, 4, 6, dtype=torch.bfloat16))
+    args = (ins["images"], ins["weight"], ins["bias"])
+    kwargs = {"cls_token": ins["cls_token"], "pos_embed": ins["pos_embed"]}
+    if not any("bfloat16 tl.dot" in r for r in backends.reasons("triton", "patch_embed", args, kwargs)):
+        _check(ins)
+        return
     with vit_fast.set_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="bfloat16 tl.dot"):
         _call(patch_embed, ins)
-    assert _call(patch_embed, ins).dtype == torch.bfloat16  # auto: the reference
-    assert launches["fwd"].call_count == 0
+    with launches() as rec:
+        assert _call(patch_embed, ins).dtype == torch.bfloat16  # auto: the reference
+    assert [r.backend for r in rec] == ["reference"]
 
 
 # ---- Triton kernels: numerics ------------------------------------------------------------------------------------
@@ -249,11 +154,18 @@ SHAPES = [  # (B, C, H, W, P, E)
 ]
 
 
+def _grid() -> list:
+    """Every shape in fp32 and fp16; the ViT-B/32 patch (K = 3072, the interpreter's slowest) in fp16 only,
+    its fp32 case under -m slow."""
+    return [pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{name}",
+                         marks=[pytest.mark.slow] if shape[4] == 32 and dtype == torch.float32 else [])
+            for shape in SHAPES for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"))]
+
+
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_matches_oracle(shape, dtype, launches):
-    _check_against_oracle(_inputs(*shape, dtype=dtype), launches=launches)
+@pytest.mark.parametrize("shape, dtype", _grid())
+def test_triton_matches_oracle(shape, dtype):
+    _check(_inputs(*shape, dtype=dtype))
 
 
 VARIANTS = [  # (cls, pos, bias)
@@ -268,121 +180,68 @@ VARIANTS = [  # (cls, pos, bias)
 
 @needs_triton
 @pytest.mark.parametrize("cls, pos, bias", VARIANTS)
-def test_triton_optional_inputs(cls, pos, bias, launches):
-    out = _check_against_oracle(_inputs(2, 3, 16, 24, 4, 20, cls=cls, pos=pos, bias=bias), launches=launches)
+def test_triton_optional_inputs(cls, pos, bias):
+    out = _check(_inputs(2, 3, 16, 24, 4, 20, cls=cls, pos=pos, bias=bias))
     assert out.shape == (2, 24 + cls, 20)
 
 
 @needs_triton
-def test_triton_strided_images_and_grads(launches):
-    """channels_last and a cropped view as images; dY a stride-0 broadcast and a transposed tensor."""
-    ins = _inputs(2, 3, 16, 16, 4, 32)
-    ins["images"] = ins["images"].detach().to(memory_format=torch.channels_last).requires_grad_()
-    assert not ins["images"].is_contiguous()
-    _check_against_oracle(ins, dy=torch.randn(1, 1, 32, device=DEVICE).expand(2, 17, 32), launches=launches)
-    _check_against_oracle(ins, dy=torch.randn(17, 2, 32, device=DEVICE).transpose(0, 1))
-    ins["images"] = torch.randn(2, 4, 20, 18, device=DEVICE)[:, 1:, 2:18, 1:17].detach().requires_grad_()
-    _check_against_oracle(ins)
-
-
-@needs_triton
-def test_triton_dweight_split_reduction(launches):
-    """M split over several programs per weight tile, the last split partial, summed without atomics."""
+def test_triton_dweight_split_reduction_is_exact_and_deterministic():
+    """M split over several programs per weight tile, the last split partial, summed without atomics: the
+    same bits every run."""
     with mock.patch.object(kernels, "_SPLIT_ROWS", 64):
-        _check_against_oracle(_inputs(3, 3, 32, 32, 4, 40), launches=launches)
-
-
-@needs_triton
-def test_triton_only_requested_gradients(launches):
-    """Frozen images skip the dimages GEMM; a frozen weight skips the dweight GEMM."""
-    ins = _inputs(2, 3, 16, 16, 4, 24)
-    ins["images"].requires_grad_(False)
-    with vit_fast.set_backend("triton"):
-        _call(patch_embed, ins).sum().backward()
-    assert launches["bwd_images"].call_count == 0 and launches["bwd_weight"].call_count == 1
-    assert ins["images"].grad is None and ins["weight"].grad is not None and ins["pos_embed"].grad is not None
-    ins = _leaves(ins)
-    ins["weight"].requires_grad_(False)
-    ins["images"].requires_grad_(True)
-    with vit_fast.set_backend("triton"):
-        _call(patch_embed, ins).sum().backward()
-    assert launches["bwd_images"].call_count == 1 and launches["bwd_weight"].call_count == 1
-    assert ins["weight"].grad is None and ins["images"].grad is not None and ins["cls_token"].grad is not None
-
-
-@needs_triton
-def test_triton_backward_is_deterministic():
-    ins = _inputs(3, 3, 32, 32, 4, 40, dtype=torch.float16)
-    dy = torch.randn(3, 65, 40, device=DEVICE, dtype=torch.float16)
-    with vit_fast.set_backend("triton"), mock.patch.object(kernels, "_SPLIT_ROWS", 64):
-        first = _grads(_call(patch_embed, ins), ins, dy)
-        second = _grads(_call(patch_embed, ins), ins, dy)
+        _check(_inputs(3, 3, 32, 32, 4, 40))
+        ins = _inputs(3, 3, 32, 32, 4, 40, dtype=torch.float16)
+        dy = torch.randn(3, 65, 40, device=DEVICE, dtype=torch.float16)
+        with vit_fast.set_backend("triton"):
+            first = _grads(_call(patch_embed, ins), ins, dy)
+            second = _grads(_call(patch_embed, ins), ins, dy)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
 
 @needs_triton
-def test_triton_nan_rows_match_reference():
-    ins = _leaves(_inputs(2, 3, 16, 16, 4, 24))
-    ins["images"].requires_grad_(False)
-    ins["images"][1, 2, 5, 9] = float("nan")  # patch (1, 2) of image 1: token 1 + 6
-    with vit_fast.set_backend("triton"):
-        out = _call(patch_embed, ins)
-    ref = _call(patch_embed_ref, _leaves(ins, torch.float64))
-    assert torch.isnan(ref[1, 7]).all() and int(torch.isnan(ref).any(-1).sum()) == 1
-    assert_scaled_close(out, _call(patch_embed_ref, ins), ref)
+def test_triton_skips_the_gemms_of_frozen_inputs():
+    """Frozen images skip the dimages GEMM; a frozen weight skips the dweight GEMM."""
+    ins = _inputs(2, 3, 16, 16, 4, 24)
+    for frozen, runs in (("images", (0, 1)), ("weight", (1, 0))):
+        ins = _leaves(ins)
+        for name, t in ins.items():
+            t.requires_grad_(name != frozen)
+        with (
+            vit_fast.set_backend("triton"),
+            mock.patch.object(kernels, "_bwd_images", wraps=kernels._bwd_images) as bwd_images,
+            mock.patch.object(kernels, "_bwd_weight", wraps=kernels._bwd_weight) as bwd_weight,
+        ):
+            _call(patch_embed, ins).sum().backward()
+        assert (bwd_images.call_count, bwd_weight.call_count) == runs, frozen
+        assert ins[frozen].grad is None and all(t.grad is not None for n, t in ins.items() if n != frozen)
 
 
 @needs_triton
-def test_triton_output_dtype_follows_reference_promotion(launches):
+def test_triton_output_dtype_follows_reference_promotion():
     """fp16 conv with fp32 class token and position embedding: the reference's additions promote to fp32."""
     ins = _inputs(2, 3, 16, 16, 4, 24, dtype=torch.float16)
     for name in ("cls_token", "pos_embed"):
         ins[name] = ins[name].detach().float().requires_grad_()
-    out = _check_against_oracle(ins, launches=launches)
+    out = _check(ins)
     assert out.dtype == torch.float32
 
 
 @needs_triton
-def test_triton_under_autocast_matches_reference_dtype(launches):
+def test_triton_under_autocast_matches_reference_dtype():
     """fp32 parameters under fp16 autocast: the conv runs in fp16, the fp32 additions return fp32."""
     ins = _inputs(2, 3, 16, 16, 4, 24)
     with torch.autocast(DEVICE, dtype=torch.float16):
-        with vit_fast.set_backend("triton"):
+        with vit_fast.set_backend("triton"), mock.patch.object(kernels, "patch_embed_fwd",
+                                                                wraps=kernels.patch_embed_fwd) as fwd:
             out = _call(patch_embed, ins)
         low = _call(patch_embed_ref, _leaves(ins))
     assert out.dtype == low.dtype == torch.float32
-    assert_scaled_close(out, low, _call(patch_embed_ref, _leaves(ins, torch.float64)))
-    assert launches["fwd"].call_args.args[0].dtype == torch.float16
+    assert_close(out, low, _call(patch_embed_ref, _leaves(ins, torch.float64)))
+    assert fwd.call_args.args[0].dtype == torch.float16
     grads = _grads(out, ins, torch.randn_like(out))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
-
-
-@needs_triton
-@pytest.mark.parametrize("cls, pos, bias", [(True, "1+N", True), (True, "N", False), (False, None, False)])
-def test_opcheck_forward_and_backward(cls, pos, bias):
-    ins = _inputs(2, 3, 8, 12, 4, 16, cls=cls, pos=pos, bias=bias)
-    args = tuple(ins.values())
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed_fwd_triton, args)
-    detached = tuple(None if t is None else t.detach() for t in args)
-    out = torch.ops.vit_fast.patch_embed_fwd_triton(*detached)
-    for flags in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(torch.ops.vit_fast.patch_embed_bwd_triton, (torch.randn_like(out), *detached, *flags))
-
-
-@needs_triton
-def test_compile_fullgraph_no_graph_break(launches):
-    ins = _inputs(2, 3, 16, 16, 8, 32)
-
-    def f(images, weight, bias, cls_token, pos_embed):
-        return patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed) * 2
-
-    with vit_fast.set_backend("triton"):
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        out = compiled(*ins.values())
-        out.sum().backward()
-    torch.testing.assert_close(out, f(*_leaves(ins).values()), atol=1e-5, rtol=1e-5)
-    assert launches["fwd"].call_count >= 1 and launches["bwd"].call_count >= 1
 
 
 # ---- GPU only: bf16, ViT sizes -----------------------------------------------------------------------------------
@@ -396,25 +255,28 @@ GPU_SHAPES = [
 
 
 @pytest.mark.cuda
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_vit_sizes(shape, dtype, launches):
-    _check_against_oracle(_inputs(*shape, dtype=dtype, device="cuda"), launches=launches)
+def test_cuda_vit_sizes(shape, dtype):
+    _check(_inputs(*shape, dtype=dtype, device="cuda"))
 
 
 @pytest.mark.cuda
+@needs_triton
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
-def test_cuda_fp32_follows_tf32_switch(tf32, launches):
+def test_cuda_fp32_follows_tf32_switch(tf32):
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32  # F.conv2d's switch; the kernel follows it
     try:
-        _check_against_oracle(_inputs(8, 3, 224, 224, 16, 768, device="cuda"), launches=launches)
+        _check(_inputs(8, 3, 224, 224, 16, 768, device="cuda"))
     finally:
         torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.mark.cuda
-def test_cuda_autocast_bf16_model_path(launches):
+@needs_triton
+def test_cuda_autocast_bf16_model_path():
     """The model under bf16 autocast: fp32 parameters, bf16 conv, fp32 tokens out like the reference."""
     ins = _inputs(32, 3, 224, 224, 16, 768, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -425,17 +287,17 @@ def test_cuda_autocast_bf16_model_path(launches):
     assert out.dtype == low.dtype == torch.float32
     oracle_in = _leaves(ins, torch.float64)
     oracle = _call(patch_embed_ref, oracle_in)
-    assert_scaled_close(out, low, oracle)
+    assert_close(out, low, oracle)
     dy = torch.randn_like(out)
     got, lo, want = _grads(out, ins, dy), _grads(low, low_in, dy), _grads(oracle, oracle_in, dy.double())
     for name in got:
-        assert_scaled_close(got[name], lo[name], want[name], name=f"d{name}")
+        assert_close(got[name], lo[name], want[name], name=f"d{name}")
 
 
 # ---- GPU code generation without a GPU ---------------------------------------------------------------------------
 
 _COMPILE_SCRIPT = """
-import sys, triton
+import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vit_fast.kernels import patch_embed as k
@@ -449,7 +311,10 @@ for dt in ("bf16", "fp16", "fp32") if every else ("bf16",):
     jobs = [(k._patch_embed_fwd_kernel, dict(zip(names, f))) for f in flag_sets]
     jobs += [(k._patch_embed_bwd_weight_kernel, {"HAS_CLS": 1}), (k._patch_embed_bwd_images_kernel, {"HAS_CLS": 1})]
     for kern, flags in jobs if every else [jobs[0], *jobs[3:]]:
-        configs = kern.early_config_prune(kern.configs, {"M": 12544, "E": 768, "K": 768})
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        operands = {n: torch.empty(0, device="meta", dtype=dtypes["fp32" if n in ptrs else dt])
+                    for n in ("images_ptr", "weight_ptr", "grad_ptr")}  # the pruner sizes tiles by their dtypes
+        configs = kern.early_config_prune(kern.configs, {"M": 12544, "E": 768, "K": 768, **operands})
         for cfg in configs if every else configs[:1]:
             consts = {"PH": 16, "PW": 14, "DOT_PRECISION": prec, **flags, **cfg.kwargs}
             names = kern.fn.arg_names
@@ -463,10 +328,12 @@ print("compiled")
 
 
 @needs_triton
+@pytest.mark.subprocess
 def test_kernels_compile_for_sm90():
     compile_for_sm90(_COMPILE_SCRIPT, "one")
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_config_compiles_for_sm90():
     compile_for_sm90(_COMPILE_SCRIPT, "all")

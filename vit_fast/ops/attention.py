@@ -26,8 +26,9 @@ def attention_ref(
     With ``upcast=True`` the math runs in float32 (float64 stays float64) and the result keeps that dtype:
     it is the test oracle.
 
-    NaN follows the formula: a NaN (or inf) in row i of q makes output row i NaN, one in any row of k or v
-    makes every output row of that (batch, head) NaN. PyTorch's CPU flash kernel returns finite values for
+    NaN follows the formula: a NaN (or inf) in row i of q makes output row i NaN, one in any row of k makes
+    every output row of that (batch, head) NaN, one in column d of a row of v makes column d of every output
+    row NaN. PyTorch's CPU flash kernel returns finite values for
     such rows where its math kernel gives NaN, so the result is made not to depend on which kernel SDPA
     picks: a term of value zero (0 times the rows' sums) carries the NaN through.
     """
@@ -37,8 +38,9 @@ def attention_ref(
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp16 sums of large rows overflow
     rows = q.sum(-1, keepdim=True, dtype=f32)  # (B, H, N, 1)
-    heads = (k.sum((-2, -1), dtype=f32) + v.sum((-2, -1), dtype=f32))[..., None, None]  # (B, H, 1, 1)
-    poison = rows + heads
+    keys = k.sum((-2, -1), dtype=f32)[..., None, None]  # (B, H, 1, 1): a key row takes part in every output row
+    values = v.sum(-2, keepdim=True, dtype=f32)  # (B, H, 1, D): a value row's column d, in column d of every row
+    poison = rows + keys + values
     return out + (poison * 0).to(out.dtype)
 
 
@@ -66,7 +68,13 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     return (q, q, q), {"scale": None, "dropout_p": 0.0}
 
 
-backends.declare("attention", attention_ref, _facts, _example)
+def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> tuple[int, ...]:
+    # the head dim picks the kernel variant, N its tiling, B * H how many tiles fill the GPU
+    B, H, N, D = q.shape
+    return D, backends.size_bucket(N), backends.size_bucket(B * H)
+
+
+backends.declare("attention", attention_ref, _facts, _example, _bucket)
 
 
 # ---- the kernel contract: forward (q, k, v, scale) -> (out, lse), backward -> (dq, dk, dv) ---------------------
@@ -137,7 +145,8 @@ ATTENTION = KernelOp(
 
 _kernels = triton_kernels("attention")
 if _kernels is not None:
-    register_backend(ATTENTION, "triton", Limits(devices=("cuda", "cpu"), head_dims=range(16, 129)),
+    register_backend(ATTENTION, "triton", Limits(devices=("cuda", "cpu"), head_dims=range(16, 129),
+                                                 auto_gemm_dtypes=HALF),
                      fwd=_kernels.attention_fwd, bwd=_kernels.attention_bwd)
 # the head dims the CUDA tensor-core kernels are instantiated for
 register_backend(ATTENTION, "cuda", Limits(head_dims=(64, 80, 128), gemm_dtypes=HALF))
@@ -156,7 +165,7 @@ def attention(
 
     Returns:
         (B, H, N, D) = softmax(q k^T * scale) v, in q's dtype. A NaN in row i of q gives NaN in output row i;
-        one in k or v gives NaN in every row of that (batch, head), in every backend.
+        one in k, every row of that (batch, head); one in column d of v, column d of every row; in every backend.
     """
     _validate(q, k, v, scale, dropout_p)
     return backends.dispatch("attention", q, k, v, scale=scale, dropout_p=dropout_p)

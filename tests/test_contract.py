@@ -1,0 +1,561 @@
+"""The contract every op keeps in every backend, one test per clause, parametrized over ops x backends:
+
+empty inputs, float64 (raise when chosen, fall back in auto), torch.library.opcheck of the custom ops,
+torch.compile(fullgraph=True), deterministic backward, only the requested gradients, NaN rows, bad inputs
+(raised before dispatch), any strides.
+
+The reference and Triton (through the interpreter on CPU) run everywhere; the cuda backend's cases carry the
+``cuda`` marker. Op-specific numerics live in tests/test_<op>.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import (
+    DEVICE,
+    KERNEL_BACKENDS,
+    attention_inputs,
+    backend_params,
+    check_oracle,
+    count,
+    launches,
+    layer_norm_inputs,
+    layernorm_mlp_inputs,
+    leaves,
+    named_inputs,
+    patch_embed_inputs,
+    public,
+    reference,
+    run,
+)
+
+import vit_fast
+from vit_fast import backends
+from vit_fast.tolerance import assert_close
+
+Inputs = tuple[tuple, dict]
+
+
+@dataclass(frozen=True)
+class Case:
+    """An op's contract data: input makers (dtype, device) -> (args, kwargs), and the op-specific facts."""
+
+    small: Callable[[torch.dtype, str], Inputs]
+    empty: tuple[Callable[[torch.dtype, str], Inputs], ...]
+    strided: tuple[Callable[[torch.dtype, str], Inputs], ...]
+    deterministic: Callable[[torch.dtype, str], Inputs]
+    # poisons one element of (args, kwargs) in place and returns the output positions the formula makes NaN
+    nan: tuple[tuple[str, Callable[[tuple, dict], torch.Tensor]], ...]
+    # (inputs that require grad, whether the backend's backward runs at all)
+    requested: tuple[tuple[tuple[str, ...], bool], ...]
+    opcheck: Callable[[str, torch.dtype, str], list[tuple[str, tuple]]]
+    bad: Callable[[], list[tuple[tuple, dict, type, str]]]
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+
+
+def _attention_nan(where: str) -> Callable[[tuple, dict], torch.Tensor]:
+    """q[b, h, i] NaN -> output row i of (b, h); k[b, h, j] NaN -> every row of (b, h) (each score row has it);
+    v[b, h, j, d] NaN -> column d of every row of (b, h)."""
+
+    def poison(args: tuple, kwargs: dict) -> torch.Tensor:
+        q, k, v = args
+        mask = torch.zeros(q.shape, dtype=torch.bool, device=q.device)
+        {"q": q, "k": k, "v": v}[where][1, 0, 5, 3] = float("nan")
+        if where == "q":
+            mask[1, 0, 5] = True
+        elif where == "k":
+            mask[1, 0] = True
+        else:
+            mask[1, 0, :, 3] = True
+        return mask
+
+    return poison
+
+
+def _attention_strided(dtype: torch.dtype, device: str) -> Inputs:
+    """Inner stride != 1 for q, (B, N, H, D) memory for k, every other element of a wider buffer for v."""
+    B, H, N, D = 1, 2, 40, 64
+    q = torch.randn(B, H, D, N, device=device).to(dtype).transpose(-1, -2).detach().requires_grad_()
+    k = torch.randn(B, N, H, D, device=device).to(dtype).transpose(1, 2).detach().requires_grad_()
+    v = torch.randn(B, H, N, 2 * D, device=device).to(dtype)[..., ::2].detach().requires_grad_()
+    assert q.stride(-1) != 1 and v.stride(-1) == 2
+    return (q, k, v), {}
+
+
+def _attention_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
+    (q, k, v), _ = attention_inputs(1, 1, 19, 64, dtype, device)
+    out, lse = getattr(torch.ops.vit_fast, f"attention_fwd_{backend}")(q.detach(), k.detach(), v.detach(), 0.25)
+    return [("fwd", (q, k, v, 0.25)),
+            ("bwd", (torch.randn_like(out), *leaves((q, k, v), grad=False), out, lse, 0.25))]
+
+
+def _attention_bad() -> list:
+    q = torch.randn(1, 2, 5, 16)
+    return [
+        ((q[0], q, q), {}, ValueError, "q must be 4-D"),
+        ((q, q[0], q), {}, ValueError, "k must be 4-D"),
+        ((q, q, q[..., :8]), {}, ValueError, "v must have shape"),
+        ((q, q[:, :, :4], q), {}, ValueError, "k must have shape"),
+        ((q.long(), q, q), {}, TypeError, "q must be a floating-point"),
+        (([1.0], q, q), {}, TypeError, "q must be a torch.Tensor"),
+        ((q, q.double(), q), {}, TypeError, "q, k, v must share one dtype"),
+        ((q, q, q.to("meta")), {}, ValueError, "one device"),
+        ((q, q, q), {"scale": -1.0}, ValueError, "scale"),
+        ((q, q, q), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ((torch.randint(0, 5, (1, 2, 9, 32)),) * 3, {}, TypeError, "q must be a floating-point"),
+    ]
+
+
+ATTENTION = Case(
+    small=lambda dt, dev: attention_inputs(2, 3, 20, 64, dt, dev),
+    empty=(lambda dt, dev: attention_inputs(0, 2, 7, 64, dt, dev),),
+    strided=(_attention_strided,),
+    deterministic=lambda dt, dev: attention_inputs(1, 2, 70, 64, dt, dev),
+    nan=tuple((w, _attention_nan(w)) for w in ("q", "k", "v")),
+    requested=((("q", "v"), True), (("k",), True)),
+    opcheck=_attention_opcheck,
+    bad=_attention_bad,
+)
+
+
+# ---- layer_norm --------------------------------------------------------------------------------------------------
+
+
+def _row_nan(name: str, index: tuple[int, ...]) -> Callable[[tuple, dict], torch.Tensor]:
+    """One NaN in row ``index[:-1]`` of the row-wise op's input ``name`` -> that whole output row."""
+
+    def poison(args: tuple, kwargs: dict) -> torch.Tensor:
+        x = args[0] if name == "x" else kwargs[name]
+        x[index] = float("nan")
+        mask = torch.zeros(*x.shape[:-1], 1, dtype=torch.bool, device=x.device)
+        mask[index[:-1]] = True
+        return mask
+
+    return poison
+
+
+def _layer_norm_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
+    (x, w, b), _ = layer_norm_inputs((3, 11, 40), dtype, device=device)
+    w, b = w.detach(), b.detach()
+    _, mean, rstd = getattr(torch.ops.vit_fast, f"layer_norm_fwd_{backend}")(x.detach(), w, b, 1e-5)
+    return [("fwd", (x, w, b, 1e-5)), ("bwd", (torch.randn_like(x), x.detach(), w, mean, rstd))]
+
+
+def _layer_norm_bad() -> list:
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    return [
+        ((torch.tensor(1.0), w, w), {}, ValueError, "x must have at least 1 dimension"),
+        (([1.0], w, w), {}, TypeError, "x must be a torch.Tensor"),
+        ((x.long(), w, w), {}, TypeError, "x must be a floating-point"),
+        ((x, w[None], w), {}, ValueError, "weight must be 1-D"),
+        ((x, torch.randn(7), w), {}, ValueError, "weight must have shape"),
+        ((x, w, torch.randn(9)), {}, ValueError, "bias must have shape"),
+        ((x, w, w.int()), {}, TypeError, "bias must be a floating-point"),
+        ((x, w.to("meta"), w), {}, ValueError, "one device"),
+        ((x, w, w), {"eps": 0.0}, ValueError, "eps must be positive"),
+    ]
+
+
+def _layer_norm_strided_rows(dtype: torch.dtype, device: str) -> Inputs:
+    """Every other token of (B, N, C): rows 2C apart."""
+    (_, w, b), _ = layer_norm_inputs((48,), dtype, device=device)
+    return (torch.randn(2, 40, 48, device=device).to(dtype)[:, ::2].detach().requires_grad_(), w, b), {}
+
+
+def _layer_norm_transposed(dtype: torch.dtype, device: str) -> Inputs:
+    """A transposed view: rows not one stride apart."""
+    (_, w, b), _ = layer_norm_inputs((24,), dtype, device=device)
+    return (torch.randn(9, 2, 24, device=device).to(dtype).transpose(0, 1).detach().requires_grad_(), w, b), {}
+
+
+LAYER_NORM = Case(
+    small=lambda dt, dev: layer_norm_inputs((2, 9, 48), dt, device=dev),
+    empty=(lambda dt, dev: layer_norm_inputs((0, 5, 16), dt, device=dev),),
+    strided=(_layer_norm_strided_rows, _layer_norm_transposed),
+    deterministic=lambda dt, dev: layer_norm_inputs((300, 80), dt, device=dev),
+    nan=(("x", _row_nan("x", (1, 4, 7))),),
+    requested=((("x", "bias"), True), (("weight",), True)),
+    opcheck=_layer_norm_opcheck,
+    bad=_layer_norm_bad,
+)
+
+
+# ---- layernorm_mlp -----------------------------------------------------------------------------------------------
+
+
+def _mlp_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
+    fwd = getattr(torch.ops.vit_fast, f"layernorm_mlp_fwd_{backend}")
+    cases = []
+    for residual in (False, True):  # save_pre follows residual: one case each way keeps the interpreter time down
+        (x, *params), kw = layernorm_mlp_inputs((2, 5, 16), 32, dtype, c_out=8, residual=residual, device=device)
+        res = kw["residual"]
+        cases.append(("fwd", (x, *params, res, 1e-6, residual)))
+        detached = leaves([x, *params], grad=False)
+        out, mean, rstd, pre = fwd(*detached, None if res is None else res.detach(), 1e-6, True)
+        dout = torch.randn_like(out)
+        for flags in [(True, True, True), (False, True, False)] if residual else [(False, False, True)]:
+            cases.append(("bwd", (dout, *detached[:6], mean, rstd, pre, *flags)))
+    return cases
+
+
+def _mlp_bad() -> list:
+    (x, *params), kw = layernorm_mlp_inputs((2, 3, 8), 12, c_out=6, residual=True, device="cpu")
+    good = leaves([x, *params], grad=False)
+    res = kw["residual"].detach()
+    table = [
+        (0, "not a tensor", TypeError, "x must be a torch.Tensor"),
+        (0, torch.ones(2, 3, 8, dtype=torch.int64), TypeError, "x must be a floating-point tensor"),
+        (0, torch.tensor(1.0), ValueError, "x must have at least 1 dimension"),
+        (1, torch.ones(7), ValueError, "ln_weight must have shape"),
+        (1, torch.ones(8, 1), ValueError, "ln_weight must be 1-D"),
+        (2, torch.ones(9), ValueError, "ln_bias must have shape"),
+        (2, torch.ones(8, dtype=torch.int32), TypeError, "ln_bias must be a floating-point tensor"),
+        (3, torch.ones(12, 9), ValueError, "fc1_weight must have shape"),
+        (3, torch.ones(12), ValueError, "fc1_weight must be 2-D"),
+        (4, torch.ones(11), ValueError, "fc1_bias must have shape"),
+        (5, torch.ones(6, 11), ValueError, "fc2_weight must have shape"),
+        (6, torch.ones(5), ValueError, "fc2_bias must have shape"),
+        (6, torch.ones(6, dtype=torch.int64), TypeError, "fc2_bias must be a floating-point tensor"),
+    ]
+    cases = [((*good[:i], bad, *good[i + 1:]), {"residual": res}, err, m) for i, bad, err, m in table]
+    meta_fc1 = (*good[:3], good[3].to("meta"), *good[4:])
+    return cases + [
+        (good, {"residual": res[..., :5]}, ValueError, "residual must have shape"),
+        (good, {"residual": res.long()}, TypeError, "residual must be a floating-point tensor"),
+        (meta_fc1, {"residual": res}, ValueError, "all tensors must be on one device.*fc1_weight on meta"),
+        (good, {"residual": res.to("meta")}, ValueError, "all tensors must be on one device.*residual on meta"),
+        (good, {"residual": res, "eps": 0.0}, ValueError, "eps must be positive"),
+        (good, {"residual": res, "dropout_p": 1.0}, ValueError, "dropout_p must be in"),
+    ]
+
+
+def _mlp_row_strided(dtype: torch.dtype, device: str) -> Inputs:
+    """Rows strided by C + 13, last dim contiguous."""
+    c = 48
+    (_, *params), kw = layernorm_mlp_inputs((37, c), 96, dtype, residual=True, device=device)
+    x = torch.randn(37, c + 13, device=device).to(dtype)[:, 5:5 + c].detach().requires_grad_()
+    assert not x.is_contiguous() and x.stride() == (c + 13, 1)
+    return (x, *params), kw
+
+
+def _mlp_permuted(dtype: torch.dtype, device: str) -> Inputs:
+    """(N, B, C) memory seen as (B, N, C)."""
+    (_, *params), kw = layernorm_mlp_inputs((48,), 96, dtype, device=device)
+    return (torch.randn(9, 2, 48, device=device).to(dtype).transpose(0, 1).detach().requires_grad_(), *params), kw
+
+
+_MLP_GROUPS = {"x": ("x",), "ln": ("ln_weight", "ln_bias"), "fc1": ("fc1_weight", "fc1_bias"),
+               "fc2": ("fc2_weight", "fc2_bias"), "residual": ("residual",)}
+
+LAYERNORM_MLP = Case(
+    small=lambda dt, dev: layernorm_mlp_inputs((9, 48), 96, dt, residual=True, device=dev),
+    empty=tuple((lambda dt, dev, s=s: layernorm_mlp_inputs(s, 32, dt, c_out=8, residual=True, device=dev))
+                for s in [(0, 16), (0, 197, 16), (2, 0, 16)]),
+    strided=(_mlp_row_strided, _mlp_permuted),
+    deterministic=lambda dt, dev: layernorm_mlp_inputs((40, 32), 96, dt, residual=True, device=dev),
+    nan=(("x", _row_nan("x", (3, 7))),),
+    # the residual's gradient is the output's: no backward kernel runs for it alone
+    requested=tuple((names, group != "residual") for group, names in _MLP_GROUPS.items()),
+    opcheck=_mlp_opcheck,
+    bad=_mlp_bad,
+)
+
+
+# ---- patch_embed -------------------------------------------------------------------------------------------------
+
+
+def _patch_nan(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A pixel of patch (1, 2) of image 1 (4x4 patches of 16x16 images): token 1 + 1 * 4 + 2 after the class
+    token."""
+    images, weight = args[:2]
+    images[1, 2, 5, 9] = float("nan")
+    n = (images.shape[2] // 4) * (images.shape[3] // 4)
+    mask = torch.zeros(images.shape[0], 1 + n, 1, dtype=torch.bool, device=images.device)
+    mask[1, 7] = True
+    return mask
+
+
+def _patch_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
+    fwd = getattr(torch.ops.vit_fast, f"patch_embed_fwd_{backend}")
+    cases = []
+    for cls, pos, bias in [(True, "1+N", True), (True, "N", False), (False, None, False)]:
+        (images, weight, b), kw = patch_embed_inputs(2, 3, 8, 12, 4, 16, cls=cls, pos=pos, bias=bias, dtype=dtype,
+                                                     device=device)
+        args = (images, weight, b, kw["cls_token"], kw["pos_embed"])
+        cases.append(("fwd", args))
+        detached = leaves(args, grad=False)
+        out = fwd(*detached)
+        cases += [("bwd", (torch.randn_like(out), *detached, *flags))
+                  for flags in ((True, True), (False, True), (True, False))]
+    return cases
+
+
+def _patch_bad() -> list:
+    img = torch.randn(2, 3, 8, 8)
+    w = torch.randn(6, 3, 4, 4)
+    b = torch.randn(6)
+    cls = torch.randn(1, 1, 6)
+    return [
+        ((img[0], w, b), {}, ValueError, "images must be 4-D"),
+        (([1.0], w, b), {}, TypeError, "images must be a torch.Tensor"),
+        ((img.long(), w, b), {}, TypeError, "images must be a floating-point"),
+        ((img, w[0], b), {}, ValueError, "weight must be 4-D"),
+        ((img, torch.randn(6, 1, 4, 4), b), {}, ValueError, "weight must have shape"),
+        ((img[..., :6], w, b), {}, ValueError, "divisible by the patch size"),
+        ((img, w, torch.randn(5)), {}, ValueError, "bias must have shape"),
+        ((img, w, b.int()), {}, TypeError, "bias must be a floating-point"),
+        ((img, w, b), {"cls_token": torch.randn(1, 6)}, ValueError, "cls_token must be 3-D"),
+        ((img, w, b), {"cls_token": torch.randn(1, 1, 5)}, ValueError, "cls_token must have shape"),
+        ((img, w, b), {"pos_embed": torch.randn(1, 5, 6)}, ValueError, "pos_embed must have shape"),
+        ((img, w, b), {"cls_token": cls, "pos_embed": torch.randn(1, 6, 6)}, ValueError, "pos_embed must have shape"),
+        ((img, w, b), {"pos_embed": torch.randn(2, 4, 6)}, ValueError, "pos_embed must have shape"),
+        ((img, w, b.to("meta")), {}, ValueError, "one device"),
+        ((img, w, b), {"cls_token": cls.to("meta")}, ValueError, "one device"),
+        # a position embedding covering a class token needs the class token
+        ((img[:1], w, None), {"pos_embed": torch.randn(1, 5, 6)}, ValueError, r"pos_embed must have shape \(1, 4, 6\)"),
+    ]
+
+
+def _patch_channels_last(dtype: torch.dtype, device: str) -> Inputs:
+    (images, w, b), kw = patch_embed_inputs(2, 3, 16, 16, 4, 32, dtype=dtype, device=device)
+    images = images.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert not images.is_contiguous()
+    return (images, w, b), kw
+
+
+def _patch_cropped(dtype: torch.dtype, device: str) -> Inputs:
+    (_, w, b), kw = patch_embed_inputs(2, 3, 16, 16, 4, 32, dtype=dtype, device=device)
+    return (torch.randn(2, 4, 20, 18, device=device).to(dtype)[:, 1:, 2:18, 1:17].detach().requires_grad_(), w, b), kw
+
+
+PATCH_EMBED = Case(
+    small=lambda dt, dev: patch_embed_inputs(2, 3, 16, 16, 4, 24, dtype=dt, device=dev),
+    empty=(lambda dt, dev: patch_embed_inputs(0, 3, 8, 8, 4, 6, dtype=dt, device=dev),),
+    strided=(_patch_channels_last, _patch_cropped),
+    deterministic=lambda dt, dev: patch_embed_inputs(3, 3, 32, 32, 4, 40, dtype=dt, device=dev),
+    nan=(("images", _patch_nan),),
+    requested=((("weight", "bias", "cls_token", "pos_embed"), True), (("images", "bias", "cls_token"), True)),
+    opcheck=_patch_opcheck,
+    bad=_patch_bad,
+)
+
+CASES = {"attention": ATTENTION, "layer_norm": LAYER_NORM, "layernorm_mlp": LAYERNORM_MLP, "patch_embed": PATCH_EMBED}
+OPS = list(CASES)
+BACKENDS = backend_params("reference", "triton", "cuda")
+KERNELS = backend_params(*KERNEL_BACKENDS)
+
+
+_FIRST = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_for(op: str, backend: str, prefer: tuple[torch.dtype, ...] = _FIRST) -> torch.dtype:
+    """The first dtype ``backend`` runs ``op``'s contract inputs in (the cuda kernels take no fp32 GEMMs; the
+    interpreter no bf16)."""
+    if backend not in backends.implemented(op):
+        pytest.skip(f"{op} has no {backend} implementation")
+    for dtype in prefer:
+        args, kwargs = CASES[op].small(dtype, DEVICE)
+        if not backends.reasons(backend, op, args, kwargs):
+            return dtype
+    pytest.skip(f"{backend} runs none of {prefer} for {op} here: {backends.reasons(backend, op, args, kwargs)}")
+
+
+def _odd_douts(shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+    """An output gradient that is a stride-0 broadcast, and one that is transposed in memory."""
+    broadcast = torch.randn(*(1,) * (len(shape) - 1), shape[-1], device=DEVICE).to(dtype).expand(shape)
+    transposed = torch.randn(*shape[:-2], shape[-1], shape[-2], device=DEVICE).to(dtype).transpose(-1, -2)
+    return [broadcast, transposed]
+
+
+def test_every_declared_op_has_a_contract_case():
+    assert set(CASES) == set(backends.ops())
+
+
+# ---- 1. empty inputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [pytest.param("auto"), *BACKENDS])
+@pytest.mark.parametrize("op", OPS)
+def test_empty_input_returns_empty_without_a_launch(op, backend):
+    dtype = torch.float32 if backend in ("auto", "reference") else _dtype_for(op, backend)
+    for make in CASES[op].empty:
+        args, kwargs = make(dtype, DEVICE)
+        with launches() as rec:
+            out = run(op, backend, args, kwargs)
+            out.sum().backward()
+        want = reference(op)(*args, **kwargs)
+        assert out.shape == want.shape and out.dtype == want.dtype and out.numel() == 0
+        for name, t in named_inputs(op, args, kwargs).items():
+            assert t.grad is not None and t.grad.shape == t.shape, name
+        assert not [r for r in rec if r.backend in KERNEL_BACKENDS], rec
+
+
+# ---- 2. float64 --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_float64_raises_when_chosen_and_auto_uses_the_reference(op, backend):
+    args, kwargs = CASES[op].small(torch.float64, DEVICE)
+    want = reference(op)(*args, **kwargs)
+    if backend == "reference":
+        assert torch.equal(run(op, "reference", args, kwargs), want)
+        return
+    if backend not in backends.implemented(op):
+        pytest.skip(f"{op} has no {backend} implementation")
+    assert any("float64" in r for r in backends.reasons(backend, op, args, kwargs))
+    with pytest.raises(backends.BackendUnavailableError, match="float64"):
+        run(op, backend, args, kwargs)
+    with launches() as rec:
+        out = run(op, "auto", args, kwargs)
+    assert torch.equal(out, want)
+    assert [(r.op, r.backend) for r in rec] == [(op, "reference")]
+
+
+# ---- 3. opcheck --------------------------------------------------------------------------------------------------
+
+_GRAD_SAFE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_custom_ops(op, backend):
+    dtype = _dtype_for(op, backend)
+    for part, args in CASES[op].opcheck(backend, dtype, DEVICE):
+        custom = getattr(torch.ops.vit_fast, f"{op}_{part}_{backend}").default
+        if part == "fwd" and dtype != torch.float32:
+            # aot_dispatch compares gradients across two traced runs at fp32 tolerances: half-precision
+            # gradients are checked through autograd's registration here and numerically by check_oracle
+            torch.library.opcheck(custom, args, test_utils=_GRAD_SAFE_UTILS)
+            torch.library.opcheck(custom, leaves(args, grad=False))
+        else:
+            torch.library.opcheck(custom, args)
+
+
+# ---- 4. torch.compile(fullgraph=True) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_compile_fullgraph_forward_and_backward(op, backend):
+    dtype = _dtype_for(op, backend)
+    args, kwargs = CASES[op].small(dtype, DEVICE)
+    fn = public(op)
+
+    def f(*a, **k):
+        return fn(*a, **k) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = named_inputs(op, args, kwargs)
+    with vit_fast.set_backend(backend):
+        with launches() as rec:
+            out = compiled(*args, **kwargs)
+            got = torch.autograd.grad(out.sum(), list(inputs.values()))
+        eager_args, eager_kwargs = leaves((args, kwargs))
+        eager = f(*eager_args, **eager_kwargs)
+        want = torch.autograd.grad(eager.sum(), list(named_inputs(op, eager_args, eager_kwargs).values()))
+    assert_close(out, eager, eager, name="out")
+    for name, g, w in zip(inputs, got, want, strict=True):
+        assert_close(g, w, w, name=f"d{name}")
+    if backend != "reference":
+        assert count(rec, backend, "fwd", op) >= 1 and count(rec, backend, "bwd", op) >= 1, rec
+
+
+# ---- 5. deterministic backward -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_is_deterministic(op, backend):
+    if backend == "reference" and DEVICE == "cuda":
+        pytest.skip("the reference on a GPU runs PyTorch's CUDA kernels (flash SDPA, cuDNN): not deterministic")
+    dtype = _dtype_for(op, backend, prefer=(torch.float16, torch.bfloat16, torch.float32))
+    args, kwargs = CASES[op].deterministic(dtype, DEVICE)
+    inputs = list(named_inputs(op, args, kwargs).values())
+    runs = []
+    for _ in range(2):
+        out = run(op, backend, args, kwargs)
+        runs.append(torch.autograd.grad(out, inputs, torch.ones_like(out)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---- 6. only the requested gradients -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_only_requested_gradients(op, backend):
+    dtype = _dtype_for(op, backend)
+    for trainable, backward_runs in CASES[op].requested:
+        args, kwargs = CASES[op].small(dtype, DEVICE)
+        for name, t in named_inputs(op, args, kwargs).items():
+            t.requires_grad_(name in trainable)
+        _, grads = check_oracle(op, backend, args, kwargs, bwd_launch=backward_runs)
+        assert set(grads) == set(trainable)
+
+
+# ---- 7. NaN rows -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_nan_in_an_input_row_gives_nan_in_that_output_row(op, backend):
+    """As the formula does, in every backend; nothing else turns NaN (PyTorch's CPU flash SDPA returns finite
+    values for such rows, its math path NaN: the reference must follow the formula)."""
+    dtype = _dtype_for(op, backend)
+    for where, poison in CASES[op].nan:
+        args, kwargs = leaves(CASES[op].small(dtype, DEVICE), grad=False)
+        expected = poison(args, kwargs)
+        out = run(op, backend, args, kwargs)
+        oracle = reference(op)(*leaves(args, torch.float64), **leaves(kwargs, torch.float64), upcast=True)
+        for name, t in (("oracle", oracle), (backend, out)):
+            got = torch.isnan(t)
+            assert torch.equal(got, expected.expand_as(got)), f"{name}, NaN in {where}: {int(got.sum())} NaNs"
+        assert_close(out, reference(op)(*args, **kwargs), oracle, name=f"out (NaN in {where})")
+
+
+# ---- 8. bad inputs -----------------------------------------------------------------------------------------------
+
+
+def _bad_params() -> list:
+    return [pytest.param(op, i, id=f"{op}-{i}") for op, case in CASES.items() for i in range(len(case.bad()))]
+
+
+# Validation precedes dispatch, so every setting raises the argument's error (not BackendUnavailableError) and
+# the cuda setting needs no GPU to show it.
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton", "cuda"])
+@pytest.mark.parametrize("op, index", _bad_params())
+def test_bad_inputs_raise_before_dispatch(op, index, backend):
+    args, kwargs, err, match = CASES[op].bad()[index]
+    with vit_fast.set_backend(backend), pytest.raises(err, match=match):
+        public(op)(*args, **kwargs)
+
+
+# ---- 9. any strides ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("half", [pytest.param(False, id="first"),
+                                  pytest.param(True, id="half", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_any_strides_in_inputs_and_output_gradients(op, backend, half):
+    """In the first dtype the backend runs (fp32 for the reference and Triton) and, under -m slow, in half
+    precision."""
+    dtype = _dtype_for(op, backend, prefer=(torch.float16, torch.bfloat16) if half else _FIRST)
+    first, *others = CASES[op].strided
+    args, kwargs = first(dtype, DEVICE)
+    out, _ = check_oracle(op, backend, args, kwargs)
+    for dout in _odd_douts(out.shape, out.dtype):
+        check_oracle(op, backend, args, kwargs, dout=dout)
+    for make in others:
+        check_oracle(op, backend, *make(dtype, DEVICE))
