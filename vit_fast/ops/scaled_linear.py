@@ -1,0 +1,234 @@
+"""Quantized Linear layers as ops, so ``explain`` and ``backends.trace`` see them: the FP8 GEMM, the kernels
+that produce its e4m3 input, and the CPU int8 GEMM.
+
+- ``scaled_linear``: ``y = (x_q * x_scale) @ (w_q * w_scale)^T + bias`` with e4m3 operands, per-row (token)
+  activation scales and per-output-channel weight scales, through ``torch._scaled_mm`` (cuBLASLt on CUDA; it
+  also runs on CPU, slowly, which is what makes the FP8 numerics testable without a GPU).
+- ``layer_norm_fp8``: LayerNorm whose output leaves as e4m3 plus one fp32 scale per row (Triton: the
+  ``QUANT_FP8`` variant of the LayerNorm forward kernel).
+- ``quantize_rows``: dynamic per-row e4m3 quantization, optionally of ``gelu(x)`` (Triton: one pass).
+- ``int8_linear``: PyTorch's dynamic int8 Linear (fbgemm / x86 engine) on prepacked per-channel int8 weights.
+
+These ops are inference only (no autograd) and are declared when this module is first imported, which
+``vit_fast.quantize`` does when a model is quantized: a model that is never quantized keeps the four model ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vit_fast import backends
+from vit_fast.backends import Facts, Limits
+from vit_fast.ops import _checks
+from vit_fast.ops._custom_op import triton_kernels
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8 = torch.float8_e4m3fn
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+
+
+# ---- references ---------------------------------------------------------------------------------------------------
+
+
+def quantize_rows_ref(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) float rows (of ``gelu(x)`` with ``gelu``) -> (e4m3 (M, C), fp32 scale (M,)), ``q * scale ~= x``."""
+    x = x.float()
+    if gelu:
+        x = F.gelu(x)
+    scale = x.abs().amax(dim=1).clamp_min(1e-12) / E4M3_MAX  # (M,)
+    return (x / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+
+
+def layer_norm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of the (M, C) rows in fp32, then :func:`quantize_rows_ref`."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return quantize_rows_ref(y)
+
+
+def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, *, out_dtype: torch.dtype, upcast: bool = False) -> torch.Tensor:
+    """The FP8 GEMM through ``torch._scaled_mm``; ``upcast=True`` dequantizes and multiplies in fp32 instead
+    (the tests' oracle for how the scales are applied)."""
+    if upcast:
+        y = (x_q.float() * x_scale[:, None]) @ (weight_q.float() * weight_scale[:, None]).t()
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+    # Row-wise scaling: (M, 1) for the activations, (1, N) for the weights; mat2 is column-major (w_q^T).
+    return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.view(-1, 1), scale_b=weight_scale.view(1, -1),
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+
+
+def int8_linear_ref(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
+    """fbgemm's dynamic int8 Linear: ``x`` (M, K) float32 is quantized per call, the int8 GEMM accumulates in
+    int32 and the result comes back float32 with the bias added."""
+    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
+# ---- declarations -------------------------------------------------------------------------------------------------
+
+
+def _width_facts(x: torch.Tensor, *args: object, **kwargs: object) -> Facts:
+    return Facts(width=x.shape[-1])
+
+
+def _gemm_facts(x_q: torch.Tensor, *args: object, **kwargs: object) -> Facts:
+    return Facts(gemm_dtype=x_q.dtype)
+
+
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+_M, _C = 64 * 197, 768  # ViT-B/16 tokens at batch 64
+
+
+def _example_quantize_rows(dtype: torch.dtype) -> tuple[tuple, dict]:
+    return (_meta(_M, 4 * _C, dtype=dtype),), {"gelu": True}
+
+
+def _example_layer_norm_fp8(dtype: torch.dtype) -> tuple[tuple, dict]:
+    return (_meta(_M, _C, dtype=dtype), _meta(_C, dtype=dtype), _meta(_C, dtype=dtype)), {"eps": 1e-6}
+
+
+def _example_scaled_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
+    f32 = torch.float32
+    return ((_meta(_M, _C, dtype=FP8), _meta(_M, dtype=f32), _meta(3 * _C, _C, dtype=FP8), _meta(3 * _C, dtype=f32),
+             _meta(3 * _C, dtype=dtype)), {"out_dtype": dtype})
+
+
+def _example_int8_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
+    return (_meta(_M, _C, dtype=torch.float32), None), {"reduce_range": True}
+
+
+def _rows_bucket(x: torch.Tensor, *args: object, **kwargs: object) -> tuple[int, ...]:
+    return backends.size_bucket(x.shape[-1]), backends.size_bucket(x.shape[0])
+
+
+def _gemm_bucket(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, *args: object,
+                 **kwargs: object) -> tuple[int, ...]:
+    n, k = weight_q.shape
+    return backends.size_bucket(n), backends.size_bucket(k), backends.size_bucket(x_q.shape[0])
+
+
+backends.declare("quantize_rows", quantize_rows_ref, _width_facts, _example_quantize_rows, _rows_bucket)
+backends.declare("layer_norm_fp8", layer_norm_fp8_ref, _width_facts, _example_layer_norm_fp8, _rows_bucket)
+backends.declare("scaled_linear", scaled_linear_ref, _gemm_facts, _example_scaled_linear, _gemm_bucket)
+backends.declare("int8_linear", int8_linear_ref, lambda *a, **k: Facts(), _example_int8_linear, _rows_bucket)
+
+
+# ---- the Triton producers of e4m3 GEMM inputs ---------------------------------------------------------------------
+
+
+def _fp8_fakes(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+_ln = triton_kernels("layer_norm")
+_qr = triton_kernels("quantize_rows")
+if _ln is not None and _qr is not None:
+    _FP8_LIMITS = dict(devices=("cuda", "cpu"), max_width=_qr.MAX_C, width_note="rows are held in registers",
+                       min_capability=FP8_CAPABILITY)
+
+    @torch.library.custom_op("vit_fast::layer_norm_fp8_triton", mutates_args=())
+    def _layer_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        backends.record("layer_norm_fp8", "triton", "fwd")
+        return _ln.layer_norm_fwd_fp8(x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous(),
+                                      bias.contiguous(), eps)
+
+    @torch.library.custom_op("vit_fast::quantize_rows_triton", mutates_args=())
+    def _quantize_rows_triton(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        backends.record("quantize_rows", "triton", "fwd")
+        return _qr.quantize_rows_fwd(x if x.stride(-1) == 1 else x.contiguous(), gelu)
+
+    _layer_norm_fp8_triton.register_fake(_fp8_fakes)
+    _quantize_rows_triton.register_fake(_fp8_fakes)
+
+    def _ln_public(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6):
+        return _layer_norm_fp8_triton(x, weight, bias, eps)
+
+    def _qr_public(x: torch.Tensor, *, gelu: bool = False):
+        return _quantize_rows_triton(x, gelu)
+
+    backends.register("layer_norm_fp8", "triton", _ln_public, Limits(**_FP8_LIMITS))
+    backends.register("quantize_rows", "triton", _qr_public, Limits(**_FP8_LIMITS))
+
+
+# ---- public functions ---------------------------------------------------------------------------------------------
+
+
+def _rows(name: str, x: object) -> torch.Tensor:
+    _checks.tensor(name, x, ndim=2)
+    return x
+
+
+def quantize_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row e4m3 quantization.
+
+    Args:
+        x: (M, C) float.
+        gelu: quantize ``gelu(x)`` (exact, erf) instead: the GELU and the quantization are one pass.
+
+    Returns:
+        q (M, C) float8_e4m3fn and scale (M,) float32, with ``q * scale[:, None] ~= x``.
+    """
+    return backends.dispatch("quantize_rows", _rows("x", x), gelu=gelu)
+
+
+def layer_norm_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm whose output is the e4m3 input of an FP8 GEMM.
+
+    Args:
+        x: (M, C) float; weight, bias: (C,).
+
+    Returns:
+        q (M, C) float8_e4m3fn and scale (M,) float32: ``q * scale[:, None] ~= layer_norm(x)``.
+    """
+    _rows("x", x)
+    _checks.shape("weight", _checks.tensor("weight", weight, ndim=1), (x.shape[1],), "(the last dimension of x)")
+    _checks.shape("bias", _checks.tensor("bias", bias, ndim=1), (x.shape[1],), "(the last dimension of x)")
+    return backends.dispatch("layer_norm_fp8", x, weight, bias, eps=eps)
+
+
+def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 Linear: ``(x_q * x_scale[:, None]) @ (weight_q * weight_scale[:, None])^T + bias``.
+
+    Args:
+        x_q: (M, K) float8_e4m3fn; x_scale: (M,) float32.
+        weight_q: (N, K) float8_e4m3fn (nn.Linear layout); weight_scale: (N,) float32.
+        bias: (N,) or None. On CUDA, K and N must be multiples of 16 (cuBLASLt).
+        out_dtype: the output's dtype (bfloat16 on CUDA: row-wise scaling gives bf16).
+
+    Returns:
+        (M, N) in ``out_dtype``.
+    """
+    if x_q.dtype != FP8 or weight_q.dtype != FP8:
+        raise TypeError(f"x_q and weight_q must be float8_e4m3fn; got {x_q.dtype} and {weight_q.dtype}")
+    m, k = x_q.shape
+    _checks.shape("weight_q", weight_q, (None, k), "(N, K): nn.Linear layout with K = x_q's columns")
+    _checks.shape("x_scale", x_scale, (m,), "(M,): one scale per row of x_q")
+    _checks.shape("weight_scale", weight_scale, (weight_q.shape[0],), "(N,): one scale per output channel")
+    return backends.dispatch("scaled_linear", x_q, x_scale, weight_q, weight_scale, bias, out_dtype=out_dtype)
+
+
+def int8_linear(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
+    """Dynamic int8 Linear on CPU.
+
+    Args:
+        x: (M, K) float32.
+        packed: ``torch.ops.quantized.linear_prepack(per-channel qint8 weight (N, K), float32 bias (N,))``.
+        reduce_range: 7-bit activations (what fbgemm's x86 kernels need to avoid int16 overflow).
+
+    Returns:
+        (M, N) float32.
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"int8_linear runs float32 activations on CPU; got {_checks.describe(x)}")
+    return backends.dispatch("int8_linear", x, packed, reduce_range=reduce_range)
+
+
+__all__ = ["E4M3_MAX", "FP8", "FP8_CAPABILITY", "int8_linear", "int8_linear_ref", "layer_norm_fp8",
+           "layer_norm_fp8_ref", "quantize_rows", "quantize_rows_ref", "scaled_linear", "scaled_linear_ref"]
