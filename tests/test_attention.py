@@ -227,3 +227,20 @@ def test_cuda_long_sequence_no_quadratic_memory():
     ref = attention_ref(q.float(), k.float(), v.float())
     assert_close(out, attention_ref(q, k, v), ref)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_with_a_single_key_follows_the_formula(where, backend):
+    """N = 1 is where PyTorch's CPU flash SDPA drops a NaN that its math kernel keeps."""
+    q, k, v = (torch.randn(2, 3, 1, 16, device=DEVICE) for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][1, 2, 0, 5] = float("nan")
+    with vit_fast.set_backend(backend):
+        out = attention(q, k, v)
+    expected = torch.zeros(out.shape, dtype=torch.bool, device=DEVICE)
+    if where == "v":
+        expected[1, 2, :, 5] = True
+    else:
+        expected[1, 2] = True
+    assert torch.equal(torch.isnan(out), expected)

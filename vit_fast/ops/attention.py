@@ -28,20 +28,17 @@ def attention_ref(
 
     NaN follows the formula: a NaN (or inf) in row i of q makes output row i NaN, one in any row of k makes
     every output row of that (batch, head) NaN, one in column d of a row of v makes column d of every output
-    row NaN. PyTorch's CPU flash kernel returns finite values for
-    such rows where its math kernel gives NaN, so the result is made not to depend on which kernel SDPA
-    picks: a term of value zero (0 times the rows' sums) carries the NaN through.
+    row NaN. PyTorch's CPU flash kernel drops the NaN when there is a single key (N = 1; its math kernel
+    keeps it, and so does every other shape tried), so there a term of value zero carries it through.
     """
     if upcast:
         dt = upcast_dtype(q.dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp16 sums of large rows overflow
-    rows = q.sum(-1, keepdim=True, dtype=f32)  # (B, H, N, 1)
-    keys = k.sum((-2, -1), dtype=f32)[..., None, None]  # (B, H, 1, 1): a key row takes part in every output row
-    values = v.sum(-2, keepdim=True, dtype=f32)  # (B, H, 1, D): a value row's column d, in column d of every row
-    poison = rows + keys + values
-    return out + (poison * 0).to(out.dtype)
+    if q.device.type == "cpu" and k.shape[-2] == 1:
+        carry = q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True) + v  # (B, H, 1, D)
+        out = out + carry * 0
+    return out
 
 
 def _validate(q: object, k: object, v: object, scale: float | None, dropout_p: float) -> None:
