@@ -445,3 +445,126 @@ def test_default_digits_recipe_reaches_95_percent(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     print(f"digits default recipe: top-1 {summary['test_top1']:.4f} in {summary['wall_s']:.0f} s")
     assert summary["test_top1"] >= 0.95
+
+
+# ------------------------------------------------------------------------------ CNN baselines (timm)
+
+# timm's own test ResNet (0.37M parameters, deep stem with a max-pool): a CNN run in seconds on CPU.
+TINY_CNN = ["--model", "test_resnet"]
+
+
+def test_a_timm_cnn_trains_on_digits_and_writes_what_predict_and_report_rebuild_it_from(tmp_path):
+    from safetensors import safe_open
+
+    from vit_fast.train.models import model_from_config
+
+    summary = _train(tmp_path, "--epochs", "1", "--workers", "0", "--lr", "5e-3", *TINY_CNN)
+    for name in ("model.safetensors", "summary.json", "curves.png", "metrics.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
+    assert summary["steps"] == 1437 // 64 and summary["test_top1"] > 0.2, summary  # chance is 0.1
+    assert summary["model"] == "test_resnet" and summary["model_family"] == "timm"
+    config = summary["config"]
+    assert config == {"family": "timm", "name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1},
+                      "small_input_stem": {"conv": "conv1.0", "pool": "maxpool"}}
+    assert (summary["in_chans"], summary["num_classes"], summary["img_size"]) == (1, 10, 8)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"]) == config and meta["model_family"] == "timm"
+    # the recorded config alone rebuilds the network the weights fit, with the small-image stem
+    model = model_from_config(json.loads((tmp_path / "summary.json").read_text())["config"])
+    model.load_state_dict(_weights(tmp_path))
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+    assert model.conv1[0].stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    assert model.eval()(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_a_timm_cnn_run_stopped_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, monkeypatch):
+    common = ["--epochs", "2", "--batch-size", "128", "--ckpt-every", "5", "--workers", "0", "--drop-path", "0.1",
+              *TINY_CNN]
+    _train(tmp_path / "full", *common)
+    save = trainer.save_checkpoint
+
+    def save_then_stop(ckpt_dir, ckpt, keep):
+        save(ckpt_dir, ckpt, keep)
+        if ckpt["step"] == 15:  # inside the second epoch of 11 steps
+            raise _Stop
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        _train(tmp_path / "cut", *common)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    assert load_newest_checkpoint(tmp_path / "cut" / "checkpoints")["config"]["kwargs"]["drop_path_rate"] == 0.1
+    summary = _train(tmp_path / "cut", "--resume", "--workers", "0")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm's running stats too
+    assert summary["steps"] == 2 * (1437 // 128) and summary["model_family"] == "timm"
+
+
+@pytest.mark.parametrize("img_size", [8, 64, 224])
+def test_cnns_get_the_small_image_stem_up_to_64_px(img_size):
+    from vit_fast.train.models import build_model, config_of
+
+    model = build_model("resnet18", num_classes=10, in_chans=1, img_size=img_size, drop_path=0.0, overrides={})
+    small = img_size <= 64
+    assert model.conv1.kernel_size == ((3, 3) if small else (7, 7))
+    assert model.conv1.stride == ((1, 1) if small else (2, 2)) and model.conv1.in_channels == 1
+    assert isinstance(model.maxpool, torch.nn.Identity) == small
+    assert config_of(model)["small_input_stem"] == ({"conv": "conv1", "pool": "maxpool"} if small else None)
+    # an 8x8 digit keeps an 8x8 map through the stem (a 2x2 one with ImageNet's stem)
+    x = torch.randn(2, 1, img_size, img_size)
+    stem = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    assert stem.shape[-1] == (img_size if small else img_size // 4)
+
+
+def _named_groups(model: torch.nn.Module, groups: list[dict]) -> list[tuple[list[str], float, float]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [([names[id(p)] for p in g["params"]], g["weight_decay"], g.get("lr_scale", 1.0)) for g in groups]
+
+
+@pytest.mark.parametrize("arch", ["vit", "cnn"])
+@pytest.mark.parametrize("layer_decay", [0.5, 1.0])
+def test_param_groups_are_the_groups_of_timms_optimizer_factory(arch, layer_decay):
+    import timm
+    import timm.optim
+
+    import vit_fast
+
+    torch.manual_seed(0)
+    model = (vit_fast.create_model("vit_nano_patch2_8", depth=3) if arch == "vit"
+             else timm.create_model("test_resnet", num_classes=10))
+    ours = param_groups(model, lr=2.0, weight_decay=0.05, layer_decay=layer_decay)
+    theirs = timm.optim.create_optimizer_v2(model, "adamw", lr=2.0, weight_decay=0.05,
+                                            layer_decay=layer_decay if layer_decay < 1 else None).param_groups
+    assert _named_groups(model, ours) == _named_groups(model, theirs)
+    assert all(g["lr"] == 2.0 * g.get("lr_scale", 1.0) for g in ours)
+    scales = {g.get("lr_scale", 1.0) for g in ours}
+    if layer_decay == 1.0:
+        assert len(ours) == 2 and scales == {1.0}
+    else:  # the ViT: stem, 3 blocks, final norm + head; the ResNet: stem, one layer per block, then the head
+        assert len(scales) == 5 if arch == "vit" else len(scales) > 2
+        assert min(scales) == layer_decay ** (len(scales) - 1)
+
+
+def test_vit_only_options_on_a_cnn_work_through_timm_or_name_the_flag(tmp_path):
+    import timm
+
+    from vit_fast.train.models import build_model, enable_grad_checkpointing
+
+    model = timm.create_model("test_resnet")
+    enable_grad_checkpointing(model)
+    assert model.grad_checkpointing
+    with pytest.raises(ValueError, match="--grad-checkpointing"):
+        enable_grad_checkpointing(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="--layer-decay"):
+        param_groups(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.05, layer_decay=0.7)
+    kw = dict(num_classes=10, in_chans=1, img_size=8, drop_path=0.0, overrides={})
+    with pytest.raises(ValueError, match="--init"):
+        build_model("test_resnet", **{**kw, "init": str(tmp_path / "w.safetensors")})
+    with pytest.raises(ValueError, match="--override"):
+        build_model("test_resnet", **{**kw, "overrides": {"no_such_keyword": 1}})
+    with pytest.raises(ValueError, match="--model 'no_such_net'"):
+        build_model("no_such_net", **kw)
+    with pytest.raises(ValueError, match="fixed input size"):
+        build_model("test_vit", **kw)
+    assert "3x3 stride-1 first convolution and no max-pool" in " ".join(build_parser().format_help().split())

@@ -1,38 +1,40 @@
-"""The optimizer and learning-rate schedule: AdamW without weight decay on norms, biases and embeddings (with
-optional layer-wise learning-rate decay), linear warmup then cosine decay, stepped per step."""
+"""The optimizer and learning-rate schedule: AdamW without weight decay on norms, biases and the model's
+``no_weight_decay()`` parameters (optionally with layer-wise learning-rate decay), linear warmup then cosine
+decay, stepped per step. The groups are timm's (``timm.optim.param_groups_weight_decay`` and
+``param_groups_layer_decay``), so a vit_fast ViT and a timm CNN take one code path, and the groups are those
+``timm.optim.create_optimizer_v2(model, weight_decay=..., layer_decay=...)`` builds."""
 
 from __future__ import annotations
 
 import argparse
 
 import torch
+from torch import nn
 
-from vit_fast.model import VisionTransformer
 
-
-def param_groups(model: VisionTransformer, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW parameter groups: no decay for 1-d parameters (norms, biases) and ``model.no_weight_decay()``;
-    with ``layer_decay < 1`` block i of D gets ``lr * layer_decay ** (D - i)`` (embeddings one step lower)."""
-    depth = len(model.blocks)
-    skip = model.no_weight_decay()
-    groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        scale = layer_decay ** (depth + 1 - layer)
-        decay = 0.0 if p.ndim <= 1 or name in skip else weight_decay
-        group = groups.setdefault((scale, decay), {"params": [], "lr": lr * scale, "weight_decay": decay})
-        group["params"].append(p)
-    return list(groups.values())
+    with ``layer_decay < 1`` the layers of ``model.group_matcher()`` (a ViT: embeddings, block 1..D, final
+    norm and head) get ``lr * layer_decay ** (last - layer)``, each group's ``lr`` set from timm's
+    ``lr_scale`` because torch's optimizers and schedulers read ``lr``, not ``lr_scale``."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay  # timm loads only when training
+
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    if layer_decay >= 1.0:
+        # timm's two groups (no decay, decay): what create_optimizer_v2 builds without layer decay
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    else:
+        if not hasattr(model, "group_matcher"):
+            # timm would fall back to guessing layers by parameter order; a silent guess is worse than an error
+            raise ValueError(f"--layer-decay: {type(model).__name__} has no group_matcher() to tell its layers")
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return groups
 
 
-def build_optimizer(model: VisionTransformer, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with the recipe's learning rate, weight decay and betas."""
     return torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, args.layer_decay), lr=args.lr,
                              betas=(args.beta1, args.beta2), fused=device.type == "cuda")

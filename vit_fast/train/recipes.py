@@ -61,7 +61,7 @@ GLOBAL_DEFAULTS: dict[str, object] = dict(
 # What may differ in a resumed run: where and how it runs, not what it computes.
 RUNTIME_KEYS = frozenset({"out", "resume", "data_dir", "device", "workers", "compile", "grad_checkpointing",
                           "backend", "ckpt_every", "keep_ckpts", "log_every", "progress", "threads"})
-# Model config fields that other flags or the dataset set, so --override may not.
+# Model config fields (timm.create_model keywords too) that other flags or the dataset set, so --override may not.
 _OWNED_FIELDS = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "--img-size",
                  "drop_path_rate": "--drop-path"}
 
@@ -93,18 +93,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--data-dir", default=None,
                    help="directory of the dataset's files, required for cifar10, cifar100 and imagefolder "
                         "(default: none)")
-    recipe_flag(g, "--model", "preset name, see vit_fast.list_models(); its class count, channels and "
-                "resolution follow the dataset")
+    recipe_flag(g, "--model", "vit_fast preset name (vit_fast.list_models()), or any other timm CNN name "
+                "(timm.list_models(), e.g. resnet18) for a baseline with the same recipe; class count, channels "
+                "and resolution follow the dataset. For inputs of 64 px or less a CNN gets the usual small-image "
+                "stem: a 3x3 stride-1 first convolution and no max-pool")
     g.add_argument("--img-size", type=int, default=None,
                    help="training resolution (default: the dataset's, 8 for digits and 32 for CIFAR; the "
                         "model preset's for imagefolder)")
     g.add_argument("--override", action="append", metavar="KEY=VALUE", default=None,
-                   help="a ViTConfig field of the model, e.g. --override depth=6 --override embed_dim=128 "
-                        "(repeatable; default: none)")
+                   help="a ViTConfig field of the model, e.g. --override depth=6 --override embed_dim=128, or for a "
+                        "timm CNN a keyword of timm.create_model (repeatable; default: none)")
     g.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from these weights (timm / Hugging Face / vit_fast .safetensors, .pth, .pt): the "
                         "position embedding is resampled to the new resolution, a head with another class "
-                        "count is replaced by a fresh one (default: random initialization)")
+                        "count is replaced by a fresh one; vit_fast presets only (default: random initialization)")
 
     g = parser.add_argument_group("optimization")
     recipe_flag(g, "--epochs", "passes over the training set", type=int)
@@ -116,14 +118,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     recipe_flag(g, "--warmup-epochs", "linear warmup from lr/warmup-steps to lr, in epochs (fractions allowed)",
                 type=float)
     g.add_argument("--layer-decay", type=float, default=None,
-                   help="layer-wise learning-rate decay: block i of D gets lr * decay^(D - i), the head lr, the "
-                        "embeddings lr * decay^(D + 1); 0.65-0.75 suits fine-tuning (default: 1.0, off)")
+                   help="layer-wise learning-rate decay over the layers of the model's group_matcher(), grouped as "
+                        "timm's create_optimizer_v2 does (ViT and timm CNN alike): for a ViT block i of D gets "
+                        "lr * decay^(D - i), the final norm and head lr, the embeddings lr * decay^(D + 1); "
+                        "0.65-0.75 suits fine-tuning (default: 1.0, off)")
     g.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (default: 0.9)")
     g.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: 0.999)")
     recipe_flag(g, "--clip-grad", "clip the gradients' global norm to this; 0 turns clipping off", type=float)
     recipe_flag(g, "--label-smoothing", "label smoothing of the cross-entropy", type=float)
-    recipe_flag(g, "--drop-path", "stochastic depth rate of the last block (linear from 0 over the blocks)",
-                type=float)
+    recipe_flag(g, "--drop-path", "stochastic depth rate of the last block (linear from 0 over the blocks); a "
+                "timm CNN gets it as drop_path_rate", type=float)
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 or fp16 autocast (fp16 with a GradScaler), or fp32; auto: bf16 on GPUs that "
                         "support it, else fp16 on GPU, fp32 on CPU, where bf16 is emulated and slow "
@@ -173,7 +177,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                 "while the other core runs the loader worker", type=int)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward to save memory (default: off)")
+                   help="recompute each block's activations in the backward to save memory, through the model's "
+                        "set_grad_checkpointing (timm's) (default: off)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar on the first process (default: on)")
     return parser

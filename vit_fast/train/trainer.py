@@ -34,7 +34,7 @@ from vit_fast.train.checkpoints import (
 )
 from vit_fast.train.distributed import Dist, all_reduce_sum, barrier, broadcast, gather, local_world_size, wrap_model
 from vit_fast.train.metrics import MetricsLog, plot_curves, read_metrics, truncate_metrics
-from vit_fast.train.models import build_model, config_of, default_img_size
+from vit_fast.train.models import build_model, config_of, default_img_size, enable_grad_checkpointing, family_of
 from vit_fast.train.optim import build_optimizer, build_scheduler
 from vit_fast.train.recipes import adopt_saved_recipe, parse_overrides, recipe_of, resolve, resolve_precision
 
@@ -138,7 +138,8 @@ class Trainer:
         model = build_model(a.model, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
                             img_size=self.img_size, drop_path=a.drop_path, overrides=parse_overrides(a.override),
                             init=a.init if fresh else None)
-        model.set_grad_checkpointing(a.grad_checkpointing)
+        if a.grad_checkpointing:
+            enable_grad_checkpointing(model)
         self.model = model.to(self.d.device)
 
     def _build_optimization(self) -> None:
@@ -369,7 +370,8 @@ class Trainer:
         from safetensors.torch import save_file
 
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"config": json.dumps(config_of(self.model)), "dataset": self.args.dataset, "model": self.args.model}
+        meta = {"config": json.dumps(config_of(self.model)), "dataset": self.args.dataset, "model": self.args.model,
+                "model_family": family_of(self.model)}
         atomic_write(self.out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata=meta))
 
     def _summary(self) -> dict:
@@ -381,7 +383,8 @@ class Trainer:
             "test_top1": e.get("test_top1"), "test_top5": e.get("test_top5"), "test_loss": e.get("test_loss"),
             "train_images_per_s": p.images_per_s, "train_s": p.train_s,
             "wall_s": self._wall(), "skipped_steps": p.skipped, "params": count_params(self.model),
-            "img_size": self.img_size, "config": config_of(self.model),
+            "img_size": self.img_size, "in_chans": self.info.in_chans, "num_classes": self.info.num_classes,
+            "model_family": family_of(self.model), "config": config_of(self.model),
             "recipe": recipe_of(a),
             "vit_fast": vit_fast.__version__, "torch": torch.__version__,
         }
