@@ -119,9 +119,7 @@ def test_device_dtype_and_unknown_arguments():
     assert {(p.device.type, p.dtype) for p in m.parameters()} == {("meta", torch.float64)}
     with pytest.raises(TypeError, match="not_a_model_arg"):
         vit_fast.create_model("vit_tiny_patch16_224", device="meta", not_a_model_arg=1)
-    for key in ("dynamic_img_size", "dynamic_img_pad"):
-        with pytest.raises(NotImplementedError, match=key):
-            vit_fast.create_model("vit_tiny_patch16_224", device="meta", **{key: True})
+    assert vit_fast.create_model("vit_tiny_patch16_224", device="meta", dynamic_img_size=True).config.dynamic_img_size
 
 
 # ---- layer-wise LR decay ----------------------------------------------------------------------------------------

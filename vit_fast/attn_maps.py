@@ -96,7 +96,8 @@ def forward_with_attention_maps(
         raise ValueError(f"images must be a (B, C, H, W) tensor; got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
 
-    grid = tuple(int(g) for g in inner.patch_embed.grid_size)
+    feat_size = getattr(inner.patch_embed, "dynamic_feat_size", None)  # a dynamic-size model's grid follows the images
+    grid = tuple(int(g) for g in (feat_size(tuple(images.shape[-2:])) if feat_size else inner.patch_embed.grid_size))
     prefix = int(getattr(inner, "num_prefix_tokens", 0))
     has_cls = getattr(inner, "cls_token", None) is not None
     tokens = prefix + grid[0] * grid[1]

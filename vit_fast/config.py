@@ -43,6 +43,8 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over the blocks
     norm_eps: float = 1e-6  # timm's; Hugging Face checkpoints use 1e-12
+    dynamic_img_size: bool = False  # any image size: pos_embed is resampled (and cached) per patch grid
+    dynamic_img_pad: bool = False  # zero-pad images at the right/bottom to a multiple of the patch size
 
     grid_size: tuple[int, int] = field(init=False)
     num_patches: int = field(init=False)
@@ -54,8 +56,11 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         img, patch = _pair(self.img_size), _pair(self.patch_size)
-        if img[0] % patch[0] or img[1] % patch[1]:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        # Padded dynamic models take any size, their own too (timm's grid: rounded down, as pos_embed is built).
+        padded = self.dynamic_img_size and self.dynamic_img_pad
+        if (img[0] % patch[0] or img[1] % patch[1]) and not padded:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size} (or the "
+                             "model dynamic_img_size=True with dynamic_img_pad=True)")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if self.global_pool not in POOLS:

@@ -16,12 +16,6 @@ from vit_fast.model import VisionTransformer
 from vit_fast.pretrained import features_cfg, get_pretrained_cfg, split_name
 from vit_fast.weights import config_from_timm, load_checkpoint
 
-# Options timm's ViT has that vit_fast cannot do yet: refused with a reason instead of being ignored.
-_NOT_YET = {
-    "dynamic_img_size": "dynamic image sizes are not supported yet; use model.set_input_size(img_size=...)",
-    "dynamic_img_pad": "padding images to the patch size is not supported yet; resize or crop the images",
-}
-
 
 def create_model(
     model_name: str,
@@ -42,7 +36,8 @@ def create_model(
     """Build ``model_name``: a preset (see :func:`vit_fast.list_models`), optionally tagged as timm names its
     weights (``'vit_base_patch16_224.augreg2_in21k_ft_in1k'``; no tag = the architecture's default tag).
 
-    - ``overrides`` are :class:`ViTConfig` fields (``num_classes=10``, ``img_size=384``, ``reg_tokens=4``);
+    - ``overrides`` are :class:`ViTConfig` fields (``num_classes=10``, ``img_size=384``, ``reg_tokens=4``,
+      ``dynamic_img_size=True`` for any image size, ``dynamic_img_pad=True`` to pad images to the patch size);
       an unknown one raises ``TypeError``. ``num_classes`` defaults to the tag's.
     - The model's ``pretrained_cfg`` is the tag's (``pretrained_cfg`` picks another tag or passes a dict,
       ``pretrained_cfg_overlay`` updates entries), so ``timm.data.resolve_data_config(model=m)`` answers as for
@@ -55,9 +50,6 @@ def create_model(
       options, e.g. ``norm`` or ``output_fmt``).
     """
     arch, tag = split_name(model_name)
-    for key, why in _NOT_YET.items():
-        if overrides.pop(key, False):
-            raise NotImplementedError(f"{key}=True: {why}")
     config = get_config(arch)  # an unknown architecture raises here, naming the closest ones
     if isinstance(pretrained_cfg, dict):
         cfg = dict(pretrained_cfg)

@@ -5,7 +5,8 @@ parameter names so timm checkpoints load unchanged. Every hot-path computation g
 
 Around the forward, the model speaks timm's model API: ``pretrained_cfg``, ``reset_classifier``,
 ``group_matcher`` (layer-wise LR decay), ``forward_intermediates`` / ``prune_intermediate_layers`` /
-``feature_info`` (backbones), ``set_input_size``; and it traces with ``torch.fx``."""
+``feature_info`` (backbones), ``set_input_size``, ``dynamic_img_size`` / ``dynamic_img_pad`` (any image size, the
+position embedding resampled per grid and cached: ``vit_fast.pos_embed``); and it traces with ``torch.fx``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vit_fast import ops
 from vit_fast.config import ViTConfig, _pair
+from vit_fast.pos_embed import cached_resample_pos_embed, clear_pos_embed_cache, grid_for, resample_pos_embed
 from vit_fast.pretrained import config_pretrained_cfg
 
 # torch.fx traces Python with Proxy tensors, but the ops validate and dispatch on real shapes, dtypes and devices.
@@ -48,15 +50,36 @@ def _layernorm_mlp(*args, **kwargs) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _checked_images(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
-    """``x`` itself, after checking it is a batch of ``img_size`` images (a shape test FX must not trace)."""
-    if x.dim() == 4 and tuple(x.shape[-2:]) != tuple(img_size):
+def _checked_images(
+    x: torch.Tensor, img_size: tuple[int, int], patch_size: tuple[int, int], dynamic: bool = False, pad: bool = False
+) -> torch.Tensor:
+    """``x`` after checking it is a batch of ``img_size`` images (any size whose grid the patches tile, with
+    ``dynamic``), zero-padded at the right and bottom to a multiple of the patch size with ``pad`` (as timm).
+    A leaf to FX: the shape tests and the pad amounts must be run on real shapes, not traced."""
+    if x.dim() != 4:
+        return x  # the op names the bad rank
+    if not dynamic and tuple(x.shape[-2:]) != tuple(img_size):
         raise ValueError(
             f"images must be {img_size[0]}x{img_size[1]} for this model; got {tuple(x.shape)} "
             "(model.set_input_size(img_size=...) or loading weights into a model of the new size resamples the "
-            "position embedding)"
+            "position embedding; dynamic_img_size=True takes any size)"
         )
+    h, w = x.shape[-2:]
+    gh, gw = grid_for((h, w), patch_size, pad)  # raises for a size the patches do not tile
+    if (gh * patch_size[0], gw * patch_size[1]) != (h, w):
+        x = F.pad(x, (0, gw * patch_size[1] - w, 0, gh * patch_size[0] - h))  # (B, C, gh*P, gw*P)
     return x
+
+
+@torch.fx.wrap
+def _dynamic_pos_embed(
+    x: torch.Tensor, pos_embed: torch.Tensor, old_grid: tuple[int, int], patch_size: tuple[int, int],
+    num_prefix_tokens: int, pad: bool,
+) -> torch.Tensor:
+    """The position embedding for images ``x`` (B, C, H, W): ``pos_embed`` itself at its own grid, else resampled
+    to the images' grid and cached (``vit_fast.pos_embed``). A leaf to FX: the grid is read from real shapes."""
+    grid = grid_for(tuple(x.shape[-2:]), patch_size, pad)
+    return cached_resample_pos_embed(pos_embed, grid, old_grid, num_prefix_tokens)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -90,6 +113,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.patch_size = _pair(cfg.patch_size)
+        self.dynamic_img_size = cfg.dynamic_img_size  # any image size (the model resamples pos_embed to its grid)
+        self.dynamic_img_pad = cfg.dynamic_img_pad  # zero-pad images at the right/bottom to a patch multiple
         self.set_input_size(cfg.img_size)
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
                               bias=not cfg.pre_norm)
@@ -103,12 +128,16 @@ class PatchEmbed(nn.Module):
         return self.patch_size
 
     def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+        """The grid of an ``img_size`` image (rounded up when padded); plain arithmetic, so FX can trace it."""
+        (h, w), (ph, pw) = img_size, self.patch_size
+        if self.dynamic_img_pad:
+            return -(-h // ph), -(-w // pw)
+        return h // ph, w // pw
 
     def forward(
         self, x: torch.Tensor, cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = _checked_images(x, self.img_size)
+        x = _checked_images(x, self.img_size, self.patch_size, self.dynamic_img_size, self.dynamic_img_pad)
         # (B, C, H, W) -> (B, [1+]N, E)
         return _patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed)
 
@@ -165,35 +194,6 @@ class Block(nn.Module):
             return x + self.drop_path2(mlp)
         return _layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
                               residual=x, dropout_p=p)
-
-
-def resample_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: tuple[int, int],
-    old_grid: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 1,
-) -> torch.Tensor:
-    """Resample a learned (1, prefix + H*W, E) position embedding to another patch grid.
-
-    Bicubic interpolation (antialiased when shrinking) over the grid in float32; the prefix (class token)
-    rows are kept apart and unchanged. ``old_grid`` defaults to the square grid the length implies.
-    """
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    n, e = grid.shape[1], grid.shape[2]
-    if old_grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"pos_embed has {n} patch positions, not a square grid: pass old_grid")
-        old_grid = (side, side)
-    if old_grid[0] * old_grid[1] != n:
-        raise ValueError(f"old_grid {old_grid} does not match the {n} patch positions of pos_embed")
-    if tuple(new_grid) == tuple(old_grid):
-        return pos_embed
-    dtype = pos_embed.dtype
-    grid = grid.float().reshape(1, old_grid[0], old_grid[1], e).permute(0, 3, 1, 2)  # (1, E, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], e).to(dtype)  # (1, H*W, E)
-    return torch.cat([prefix, grid], dim=1)
 
 
 def _take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
@@ -325,22 +325,28 @@ class VisionTransformer(nn.Module):
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
             with torch.no_grad():
                 pe = resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_grid, prefix)
+            clear_pos_embed_cache(self.pos_embed)  # tables resampled from the old grid go with it
             self.pos_embed = nn.Parameter(pe, requires_grad=self.pos_embed.requires_grad)
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, prefix+N, E) tokens: [class, registers..., patches] + position embedding."""
+        pos_embed = self.pos_embed
+        if self.patch_embed.dynamic_img_size:  # resampled (and cached) for the images' grid, as timm resamples
+            n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            pos_embed = _dynamic_pos_embed(x, pos_embed, self.patch_embed.grid_size, self.patch_embed.patch_size,
+                                           n_prefix, self.patch_embed.dynamic_img_pad)  # (1, [prefix+]N, E)
         if self.reg_token is None:  # one fused op: projection, class token and position embedding
-            x = self.patch_embed(x, self.cls_token, self.pos_embed)  # (B, [1+]N, E)
+            x = self.patch_embed(x, self.cls_token, pos_embed)  # (B, [1+]N, E)
         else:
-            x = self.patch_embed(x, None, self.pos_embed if self.no_embed_class else None)  # (B, N, E)
+            x = self.patch_embed(x, None, pos_embed if self.no_embed_class else None)  # (B, N, E)
             prefix = [self.reg_token.expand(x.shape[0], -1, -1)]
             if self.cls_token is not None:
                 prefix.insert(0, self.cls_token.expand(x.shape[0], -1, -1))
             x = torch.cat(prefix + [x], dim=1)  # (B, prefix+N, E)
             if not self.no_embed_class:
-                x = x + self.pos_embed
+                x = x + pos_embed
         return self.norm_pre(self.pos_drop(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -101,8 +101,9 @@ def preprocess_for(model: torch.nn.Module, summary: dict | None = None, *, img_s
     """The :class:`Preprocess` of ``model``: each setting from the arguments, else the training run's
     ``summary``, else ``model.pretrained_cfg``, else defaults (ImageNet's mean/std for RGB, 0.5/0.5 for one
     channel; crop_pct 0.875 from 128 px up, 1.0 below; bilinear)."""
-    cfg = model.config
-    in_chans = int(cfg.in_chans)
+    cfg = getattr(model, "config", None)  # a timm CNN trained here has none: its run's summary says
+    model_img_size = cfg.img_size if cfg is not None else (summary or {}).get("img_size")
+    in_chans = int(cfg.in_chans if cfg is not None else (summary or {}).get("in_chans", 3))
     run: dict = {}
     if summary:
         run = dict(_dataset_stats(summary.get("dataset")) or {})
@@ -121,9 +122,9 @@ def preprocess_for(model: torch.nn.Module, summary: dict | None = None, *, img_s
                 return source[key]
         return default
 
-    size = _size_pair(pick("img_size", img_size, cfg.img_size))
-    if size != _size_pair(cfg.img_size):
-        raise ValueError(f"img_size {size} differs from the model's {_size_pair(cfg.img_size)}")
+    size = _size_pair(pick("img_size", img_size, model_img_size))
+    if model_img_size is not None and size != _size_pair(model_img_size):
+        raise ValueError(f"img_size {size} differs from the model's {_size_pair(model_img_size)}")
     rgb = in_chans == 3
     return Preprocess(
         img_size=size,
@@ -196,6 +197,12 @@ def _model_from(weights: Path, config: dict | None, model_name: str | None) -> t
     import vit_fast
     from vit_fast.weights import read_state_dict
 
+    if config is not None and config.get("family") == "timm":  # a CNN baseline trained by vit-fast train
+        from vit_fast.train.models import model_from_config
+
+        model = model_from_config(config)
+        model.load_state_dict(read_state_dict(weights))
+        return model
     if config is not None:
         try:
             model = vit_fast.VisionTransformer(vit_fast.ViTConfig(**config))

@@ -83,6 +83,10 @@ def _model_of(summary: dict) -> torch.nn.Module | None:
     config = summary.get("config")
     if not isinstance(config, dict):
         return None
+    if config.get("family") == "timm":  # a CNN baseline trained by vit-fast train
+        from vit_fast.train.models import model_from_config
+
+        return model_from_config(config)
     try:
         return vit_fast.VisionTransformer(vit_fast.ViTConfig(**config))
     except (TypeError, ValueError):
@@ -116,9 +120,10 @@ def load_run(run_dir: str | os.PathLike, *, measure: bool = True, device: str = 
     }
     model = _model_of(summary)
     if model is not None:
-        cfg = model.config
-        size = cfg.img_size if isinstance(cfg.img_size, int) else None
-        shape = (cfg.in_chans, *((size, size) if size else cfg.img_size))
+        cfg = getattr(model, "config", None)  # a timm CNN has none: its summary records the input
+        img_size = cfg.img_size if cfg is not None else summary.get("img_size")
+        in_chans = cfg.in_chans if cfg is not None else summary.get("in_chans", 3)
+        shape = (in_chans, *((img_size, img_size) if isinstance(img_size, int) else img_size))
         row["params"] = row["params"] or sum(p.numel() for p in model.parameters())
         if row["gflops"] is None:
             row["gflops"] = model_flops(model, shape) / 1e9

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import torch
 
 from vit_fast.config import ViTConfig
-from vit_fast.model import VisionTransformer, resample_pos_embed
+from vit_fast.model import VisionTransformer
+from vit_fast.pos_embed import resample_pos_embed
 
 __all__ = ["config_from_timm", "convert_hf_state_dict", "load_checkpoint", "read_state_dict", "resample_pos_embed"]
 
@@ -28,13 +29,11 @@ HF_LAYER_NORM_EPS = 1e-12  # transformers' ViTConfig default
 # ----------------------------------------------------------------------------------------------- timm
 
 _TIMM_UNSUPPORTED = [  # (attribute test, what it is): features vit_fast's ViT does not have
-    (lambda m: getattr(m, "dynamic_img_size", False), "dynamic_img_size=True"),
     (lambda m: getattr(m, "attn_pool", None) is not None, "attention pooling (global_pool 'map'/'prr')"),
     (lambda m: getattr(m, "pos_embed", None) is None, "no position embedding"),
     (lambda m: getattr(m, "pool_include_prefix", False), "pool_include_prefix=True"),
     (lambda m: not isinstance(getattr(m.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity),
      "a norm inside the patch embedding"),
-    (lambda m: getattr(m.patch_embed, "dynamic_img_pad", False), "dynamic_img_pad=True"),
     (lambda m: (m.patch_embed.proj.bias is None) != (not isinstance(m.norm_pre, torch.nn.Identity)),
      "a patch-projection bias that does not follow pre_norm"),
     (lambda m: not isinstance(getattr(m, "patch_drop", torch.nn.Identity()), torch.nn.Identity), "patch dropout"),
@@ -97,6 +96,8 @@ def config_from_timm(timm_model: torch.nn.Module) -> ViTConfig:
         attn_drop_rate=getattr(getattr(attn, "attn_drop", None), "p", 0.0),
         drop_path_rate=float(getattr(m.blocks[-1].drop_path1, "drop_prob", 0.0) or 0.0),
         norm_eps=blk.norm1.eps,
+        dynamic_img_size=bool(getattr(m, "dynamic_img_size", False)),
+        dynamic_img_pad=bool(getattr(m.patch_embed, "dynamic_img_pad", False)),
     )
 
 
