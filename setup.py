@@ -15,7 +15,8 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"  # A100, H100/H200
+# A100, H100/H200 machine code, plus sm_90's PTX: a newer GPU (Blackwell and later) JIT-compiles it at first load.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _is_toolkit(root: str) -> bool:
@@ -142,13 +143,13 @@ def cuda_extensions() -> tuple[list, dict]:
 
 
 def _default_arch_list() -> str:
-    """The visible GPU's architecture when there is one, else A100 + H100/H200."""
+    """The visible GPU's architecture (with its PTX) when there is one, else A100 + H100/H200."""
     try:
         import torch
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            return f"{major}.{minor}"
+            return f"{major}.{minor}+PTX"
     except Exception:  # noqa: BLE001 - no usable torch.cuda: use the default list
         pass
     return DEFAULT_ARCH_LIST
@@ -159,6 +160,8 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=["vit_fast", "vit_fast.bench", "vit_fast.ops", "vit_fast.train", "vit_fast.kernels"],
     package_dir={"vit_fast": "vit_fast", "vit_fast.kernels": "kernels"},
+    # the dispatch policies measured by the project on real GPUs (vit_fast/policy.py reads them)
+    package_data={"vit_fast": ["policies/*.json", "pretrained_tags.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

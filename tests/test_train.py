@@ -197,21 +197,27 @@ class _Stop(Exception):
     """Stands in for a kill right after a checkpoint was written."""
 
 
-def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_bitwise_the_same_weights(tmp_path, monkeypatch):
-    common = ["--epochs", "2", "--batch-size", "64", "--ckpt-every", "5", "--workers", "0", *TINY]
-    _train(tmp_path / "full", *common)
+def _train_stopping_at(monkeypatch, out, step: int, *flags: str) -> dict:
+    """Run with ``flags`` into ``out``, stop it right after the checkpoint of ``step`` is written (as a kill
+    would), and return that checkpoint."""
     save = trainer.save_checkpoint
 
     def save_then_stop(ckpt_dir, ckpt, keep):
         save(ckpt_dir, ckpt, keep)
-        if ckpt["step"] == 30:  # inside the second epoch of 22 steps
+        if ckpt["step"] == step:
             raise _Stop
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
     with pytest.raises(_Stop):
-        _train(tmp_path / "cut", *common)
+        _train(out, *flags)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
-    ckpt = load_newest_checkpoint(tmp_path / "cut" / "checkpoints")
+    return load_newest_checkpoint(out / "checkpoints")
+
+
+def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_bitwise_the_same_weights(tmp_path, monkeypatch):
+    common = ["--epochs", "2", "--batch-size", "64", "--ckpt-every", "5", "--workers", "0", *TINY]
+    _train(tmp_path / "full", *common)
+    ckpt = _train_stopping_at(monkeypatch, tmp_path / "cut", 30, *common)  # inside the second epoch of 22 steps
     assert set(ckpt) == {"format", "model", "optimizer", "scheduler", "scaler", "rng", "step", "epoch", "config",
                          "recipe", "skipped_steps", "train_images", "train_s", "wall_s", "last_eval", "path"}
     assert (ckpt["step"], ckpt["epoch"], ckpt["last_eval"]["epoch"]) == (30, 1, 1)
@@ -483,18 +489,8 @@ def test_a_timm_cnn_run_stopped_mid_epoch_resumes_to_bitwise_the_same_weights(tm
     common = ["--epochs", "2", "--batch-size", "128", "--ckpt-every", "5", "--workers", "0", "--drop-path", "0.1",
               *TINY_CNN]
     _train(tmp_path / "full", *common)
-    save = trainer.save_checkpoint
-
-    def save_then_stop(ckpt_dir, ckpt, keep):
-        save(ckpt_dir, ckpt, keep)
-        if ckpt["step"] == 15:  # inside the second epoch of 11 steps
-            raise _Stop
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        _train(tmp_path / "cut", *common)
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
-    assert load_newest_checkpoint(tmp_path / "cut" / "checkpoints")["config"]["kwargs"]["drop_path_rate"] == 0.1
+    ckpt = _train_stopping_at(monkeypatch, tmp_path / "cut", 15, *common)  # inside the second epoch of 11 steps
+    assert ckpt["config"]["kwargs"]["drop_path_rate"] == 0.1
     summary = _train(tmp_path / "cut", "--resume", "--workers", "0")
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm's running stats too

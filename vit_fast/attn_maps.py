@@ -68,16 +68,9 @@ def attention_maps(
                                        discard_ratio=discard_ratio, max_elements=max_elements)[1]
 
 
-def forward_with_attention_maps(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    layers: int | Sequence[int] | None = None,
-    method: str = "cls",
-    head_fusion: str = "mean",
-    discard_ratio: float = 0.0,
-    max_elements: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_with_attention_maps(model: nn.Module, images: torch.Tensor, *, layers: int | Sequence[int] | None = None,
+                                method: str = "cls", head_fusion: str = "mean", discard_ratio: float = 0.0,
+                                max_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(model(images), maps)`` from one forward in eval mode, without gradients; arguments as
     :func:`attention_maps`. The model's train/eval state is restored afterwards."""
     inner = getattr(model, "_orig_mod", model)  # a torch.compile'd module holds its model here

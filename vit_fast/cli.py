@@ -1,12 +1,69 @@
-"""The ``vit-fast`` command: ``vit-fast info`` (versions, devices, backends), ``vit-fast bench``, ``vit-fast train``."""
+"""The ``vit-fast`` command: one subcommand per job, each living in the module that does it.
+
+``info`` (versions, devices, backends), ``bench``, ``tune``, ``train``, ``predict``, ``report``, ``eval``.
+A subcommand's module is imported only when it runs or when its flags are listed, so ``vit-fast info`` needs
+none of the extras.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``module.add_arguments(parser)`` declares its flags, ``module.run(args)`` runs it; the
+    exceptions in ``errors`` are a user's mistake, printed as one line with exit status ``status``."""
+
+    name: str
+    module: str
+    add_arguments: str
+    run: str
+    help: str
+    description: str
+    errors: tuple[type[BaseException], ...] = ()
+    status: int = 1
+
+
+COMMANDS = (
+    Command("bench", "vit_fast.bench", "add_bench_arguments", "main",
+            "benchmark ops and models against PyTorch SDPA, eager, torch.compile, timm",
+            "Time every vit_fast backend beside PyTorch SDPA (each backend forced), eager PyTorch, torch.compile "
+            "and timm, after checking each against the reference; write results.json, report.md and plots.",
+            (ValueError,), 2),
+    Command("tune", "vit_fast.tune", "add_tune_arguments", "main",
+            "measure which backend auto should run on this GPU; write its policy",
+            "Check every backend against the fp32 oracle, then time it as `vit-fast bench` does, per op, dtype, "
+            "mode and shape bucket of the ViT presets' shapes; write the policy auto follows on this kind of GPU "
+            "(kernels only where they beat PyTorch)."),
+    Command("train", "vit_fast.train", "add_train_arguments", "run_from_args",
+            "train or fine-tune a ViT or a timm CNN (digits by default; also under torchrun)",
+            "Train with mixed precision: from scratch on scikit-learn's digits (the default, no download), "
+            "CIFAR-10/100 or an ImageFolder tree, or fine-tune with --init. Under torchrun each process takes a "
+            "share of every batch (DDP)."),
+    Command("predict", "vit_fast.predict", "add_predict_arguments", "run",
+            "classify image files with a trained model; attention-map overlays",
+            "Top-k classes for image files, folders or globs, from a `vit-fast train` run directory, a checkpoint "
+            "or a preset, with the model's preprocessing; optionally one PNG per image with its attention map "
+            "(rollout or one layer's class token) computed alongside the fast forward.",
+            (ValueError, FileNotFoundError, KeyError)),
+    Command("report", "vit_fast.report", "add_report_arguments", "run",
+            "training runs side by side: accuracy, size, GFLOPs, speed, curves",
+            "A markdown table of `vit-fast train` runs (top-1, top-5, parameters, GFLOPs per image, training and "
+            "inference images/s, wall time) and a PNG of their curves.",
+            (ValueError, FileNotFoundError)),
+    Command("eval", "vit_fast.evaluate", "add_eval_arguments", "run",
+            "a training run's model on its test split, optionally quantized",
+            "Top-1, top-5 and images/s of a `vit-fast train` run's model on its test split; with --quantize also "
+            "of the model quantized to fp8 or int8, side by side.",
+            (ValueError, FileNotFoundError, RuntimeError)),
+)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -29,40 +86,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from vit_fast.train import run_from_args  # torchvision and friends load only when training
+def _runner(command: Command):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return getattr(importlib.import_module(command.module), command.run)(args)
+        except command.errors as e:
+            print(f"vit-fast {command.name}: error: {e}", file=sys.stderr)
+            return command.status
 
-    return run_from_args(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from vit_fast import bench
-
-    try:
-        return bench.main(args)
-    except ValueError as e:
-        print(f"vit-fast bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from vit_fast.predict import run
-
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"vit-fast predict: error: {e}", file=sys.stderr)
-        return 1
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from vit_fast.report import run
-
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vit-fast report: error: {e}", file=sys.stderr)
-        return 1
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,40 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
                       help="dtype to explain the backends for (default: bfloat16 on CUDA, float32 on CPU)")
     info.set_defaults(func=_cmd_info)
-
-    bench = sub.add_parser("bench", help="benchmark ops and models against PyTorch SDPA, eager, torch.compile, timm",
-                           description="Time every vit_fast backend beside PyTorch SDPA (each backend forced), eager "
-                           "PyTorch, torch.compile and timm, after checking each against the reference; write "
-                           "results.json, report.md and plots.")
-    from vit_fast.bench.cli import add_bench_arguments
-
-    add_bench_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
-    from vit_fast.train import add_train_arguments
-
-    train = sub.add_parser("train", help="train or fine-tune a ViT (digits by default; also under torchrun)",
-                           description="Train a ViT with mixed precision: from scratch on scikit-learn's digits "
-                           "(the default, no download), CIFAR-10/100 or an ImageFolder tree, or fine-tune one "
-                           "with --init. Under torchrun each process takes a share of every batch (DDP).")
-    add_train_arguments(train)
-    train.set_defaults(func=_cmd_train)
-    from vit_fast.predict import add_predict_arguments
-
-    predict = sub.add_parser("predict", help="classify image files with a trained model; attention-map overlays",
-                             description="Top-k classes for image files, folders or globs, from a `vit-fast train` "
-                             "run directory, a checkpoint or a preset, with the model's preprocessing; optionally "
-                             "one PNG per image with its attention map (rollout or one layer's class token) "
-                             "computed alongside the fast forward.")
-    add_predict_arguments(predict)
-    predict.set_defaults(func=_cmd_predict)
-    from vit_fast.report import add_report_arguments
-
-    report = sub.add_parser("report", help="training runs side by side: accuracy, size, GFLOPs, speed, curves",
-                            description="A markdown table of `vit-fast train` runs (top-1, top-5, parameters, "
-                            "GFLOPs per image, training and inference images/s, wall time) and a PNG of their "
-                            "curves.")
-    add_report_arguments(report)
-    report.set_defaults(func=_cmd_report)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        getattr(importlib.import_module(command.module), command.add_arguments)(p)
+        p.set_defaults(func=_runner(command))
     return parser
 
 

@@ -29,24 +29,21 @@ from vit_fast.pretrained import config_pretrained_cfg
 # traced graph calls each op whole, and the call still goes through ``ops.<name>`` at run time.
 
 
-@torch.fx.wrap
-def _patch_embed(*args, **kwargs) -> torch.Tensor:
-    return ops.patch_embed(*args, **kwargs)
+def _leaf(name: str):
+    def call(*args, **kwargs) -> torch.Tensor:
+        return getattr(ops, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"_{name}"
+    return call
 
 
-@torch.fx.wrap
-def _layer_norm(*args, **kwargs) -> torch.Tensor:
-    return ops.layer_norm(*args, **kwargs)
-
-
-@torch.fx.wrap
-def _attention(*args, **kwargs) -> torch.Tensor:
-    return ops.attention(*args, **kwargs)
-
-
-@torch.fx.wrap
-def _layernorm_mlp(*args, **kwargs) -> torch.Tensor:
-    return ops.layernorm_mlp(*args, **kwargs)
+_patch_embed, _layer_norm, _attention, _layernorm_mlp = (
+    _leaf(n) for n in ("patch_embed", "layer_norm", "attention", "layernorm_mlp")
+)
+torch.fx.wrap("_patch_embed")
+torch.fx.wrap("_layer_norm")
+torch.fx.wrap("_attention")
+torch.fx.wrap("_layernorm_mlp")
 
 
 @torch.fx.wrap

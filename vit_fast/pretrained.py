@@ -5,92 +5,32 @@ interpolation) and tells loaders where the weights live and which layers are the
 classifier. ``timm.data.resolve_data_config(model=m)`` reads it, so a vit_fast model created as
 ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` resolves the same preprocessing as timm's model of that name.
 
-The facts are timm's registry (timm 1.0), compacted into the table below; ``tests/test_timm_api.py`` checks
+The facts are timm's registry (timm 1.0), kept as data in ``pretrained_tags.json``; ``tests/test_timm_api.py`` checks
 them against the installed timm, tag by tag. A tag-less name takes the architecture's first tag, as timm does.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+from importlib.resources import files
 
 from vit_fast.config import PRESETS, ViTConfig, _pair
 
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # augreg / original JAX weights: pixels in [-1, 1]
-_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-_APACHE, _NC = "apache-2.0", "cc-by-nc-4.0"
+
+def _load_tags() -> tuple[dict[str, tuple], dict[str, list[tuple]]]:
+    data = json.loads(files("vit_fast").joinpath("pretrained_tags.json").read_text())
+    norms = {name: (tuple(n["mean"]), tuple(n["std"])) for name, n in data["normalization"].items()}
+    tags = {arch: [(tag, norms[norm], classes, crop, license) for tag, norm, classes, crop, license in rows]
+            for arch, rows in data["tags"].items()}
+    return norms, tags
+
 
 # architecture -> its tags in timm's order (the first is the default): (tag, (mean, std), num_classes, crop_pct,
 # license). All of them: bicubic interpolation, center crop, fixed input size, weights at hf://timm/<arch>.<tag>.
-_TAGS: dict[str, list[tuple]] = {
-    "vit_tiny_patch16_224": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-    ],
-    "vit_tiny_patch16_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
-    "vit_small_patch16_224": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-        ("dino", _IMAGENET, 0, 0.9, _APACHE),
-    ],
-    "vit_small_patch16_384": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-    ],
-    "vit_small_patch32_224": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-    ],
-    "vit_small_patch32_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
-    "vit_base_patch8_224": [
-        ("augreg2_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-        ("dino", _IMAGENET, 0, 0.9, _APACHE),
-    ],
-    "vit_base_patch16_224": [
-        ("augreg2_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("orig_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-        ("sam_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("bamboo", _CLIP, 115217, 1.0, None),
-        ("dino", _IMAGENET, 0, 0.9, _APACHE),
-        ("mae", _IMAGENET, 0, 0.9, _NC),
-    ],
-    "vit_base_patch16_384": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-        ("orig_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-    ],
-    "vit_base_patch32_224": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-        ("sam_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-    ],
-    "vit_base_patch32_384": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-        ("augreg_in1k", _INCEPTION, 1000, 1.0, _APACHE),
-    ],
-    "vit_large_patch16_224": [
-        ("augreg_in21k_ft_in1k", _INCEPTION, 1000, 0.9, _APACHE),
-        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
-        ("augreg_in21k", _INCEPTION, 21843, 0.9, _APACHE),
-        ("mae", _IMAGENET, 0, 0.9, _NC),
-    ],
-    "vit_large_patch16_384": [("augreg_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
-    "vit_large_patch32_384": [("orig_in21k_ft_in1k", _INCEPTION, 1000, 1.0, _APACHE)],
-    "vit_huge_patch14_224": [
-        ("orig_in21k", _INCEPTION, 0, 0.9, _APACHE),
-        ("untrained", _INCEPTION, 1000, 0.9, _APACHE),  # a config without weights
-        ("mae", _IMAGENET, 0, 0.9, _NC),
-    ],
-}
+# The table is data (pretrained_tags.json, package data).
+_NORMS, _TAGS = _load_tags()
+_IMAGENET = _NORMS["imagenet"]
 _NO_WEIGHTS = {"untrained"}
 
 # vit_fast's own presets have no published weights; their configs describe the data they are trained on

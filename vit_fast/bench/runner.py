@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from vit_fast.bench.analysis import add_speedups, compare_results
 from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES, OPS, dtype_name
@@ -179,17 +180,7 @@ def _run(cfg: BenchConfig) -> dict:
     return results
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_description(self, desc: str) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool | None) -> object:
-    """A tqdm bar (on a terminal unless ``enabled`` says otherwise); nothing when tqdm is not installed."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
+def _progress(total: int, enabled: bool | None) -> tqdm:
+    """A tqdm bar, shown on a terminal unless ``enabled`` says otherwise."""
     return tqdm(total=total, desc="peaks", unit="row", disable=None if enabled is None else not enabled,
                 dynamic_ncols=True)

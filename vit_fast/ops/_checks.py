@@ -77,3 +77,17 @@ def tensor_core_reasons(dtype: torch.dtype) -> list[str]:
     if dtype in (torch.float16, torch.bfloat16):
         return []
     return [f"GEMM dtype {str(dtype).replace('torch.', '')} not supported (tensor-core kernels: float16, bfloat16)"]
+
+
+def rows_and_affine(x: object, weight_name: str, weight: object, bias_name: str, bias: object, eps: float) -> int:
+    """``x`` (..., C) with a LayerNorm's (C,) weight and bias and a positive eps; returns C."""
+    tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError(f"x must have at least 1 dimension (..., C); got {describe(x)}")
+    c = x.shape[-1]
+    for name, t in ((weight_name, weight), (bias_name, bias)):
+        tensor(name, t, ndim=1)
+        shape(name, t, (c,), "(the last dimension of x)")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive; got {eps!r}")
+    return c

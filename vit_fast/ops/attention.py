@@ -11,6 +11,8 @@ from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
 from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
+_kernels = triton_kernels("attention")  # None when the Triton kernels cannot load: the reason is recorded
+
 
 def attention_ref(
     q: torch.Tensor,
@@ -54,9 +56,7 @@ def _validate(q: object, k: object, v: object, scale: float | None, dropout_p: f
     _checks.probability("dropout_p", dropout_p)
 
 
-def _facts(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
-) -> Facts:
+def _facts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, **_: object) -> Facts:
     return Facts(gemm_dtype=_checks.matmul_dtype(q), head_dim=q.shape[-1], dropout_p=dropout_p)
 
 
@@ -78,6 +78,12 @@ backends.declare("attention", attention_ref, _facts, _example, _bucket)
 #
 # out and every gradient are (B, H, N, D) over (B, N, H, D) memory (so the model's transpose + reshape to
 # (B, N, H*D) is a view); lse (B, H, N) is fp32, a saved statistic that is not differentiable.
+
+FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 
 
 def _bhnd_over_bnhd(t: torch.Tensor) -> torch.Tensor:
@@ -106,16 +112,6 @@ def _backward_for(bwd_op):
     return backward
 
 
-# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
-def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, N, _D = q.shape
-    return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
-
-
-def _bwd_fake(dout, q, k, v, out, lse, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
-
-
 def _public_for(fwd_op):
     def run(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0
@@ -128,19 +124,20 @@ def _public_for(fwd_op):
     return run
 
 
+# The fakes take the schemas' arguments (register_fake calls them positionally).
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, _D = q.shape
+    return _bhnd_over_bnhd(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bhnd_over_bnhd(q), _bhnd_over_bnhd(q), _bhnd_over_bnhd(q)
+
+
 ATTENTION = KernelOp(
-    name="attention",
-    fwd_schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-    bwd_schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
-    "-> (Tensor, Tensor, Tensor)",
-    fwd_fake=_fwd_fake,
-    bwd_fake=_bwd_fake,
-    setup_context=_setup_context,
-    backward=_backward_for,
-    public=_public_for,
+    "attention", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
 )
 
-_kernels = triton_kernels("attention")
 if _kernels is not None:
     register_backend(ATTENTION, "triton", Limits(devices=("cuda", "cpu"), head_dims=range(16, 129),
                                                  auto_gemm_dtypes=HALF),

@@ -14,6 +14,8 @@ from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
 from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
+_kernels = triton_kernels("layer_norm")  # None when the Triton kernels cannot load: the reason is recorded
+
 
 def layer_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6, upcast: bool = False
@@ -26,17 +28,8 @@ def layer_norm_ref(
 
 
 def _validate(x: object, weight: object, bias: object, eps: float) -> None:
-    _checks.tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError(f"x must have at least 1 dimension (..., C); got {_checks.describe(x)}")
-    c = x.shape[-1]
-    _checks.tensor("weight", weight, ndim=1)
-    _checks.tensor("bias", bias, ndim=1)
-    _checks.shape("weight", weight, (c,), "(the last dimension of x)")
-    _checks.shape("bias", bias, (c,), "(the last dimension of x)")
+    _checks.rows_and_affine(x, "weight", weight, "bias", bias, eps)
     _checks.same_device(x=x, weight=weight, bias=bias)
-    if not eps > 0:
-        raise ValueError(f"eps must be positive; got {eps!r}")
 
 
 def _facts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> Facts:
@@ -49,12 +42,20 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     return (x, w, w), {"eps": 1e-6}
 
 
-backends.declare("layer_norm", layer_norm_ref, _facts, _example)
+def _bucket(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, **_: object) -> tuple[int, ...]:
+    c = x.shape[-1]
+    return c, backends.size_bucket(x.numel() // max(c, 1))  # (C, rows)
+
+
+backends.declare("layer_norm", layer_norm_ref, _facts, _example, _bucket)
 
 
 # ---- the kernel contract: forward (x, weight, bias, eps) -> (y, mean, rstd), backward -> (dx, dweight, dbias) ----
 #
 # y is like x (contiguous); mean and rstd (M,) are fp32 per row, saved statistics that are not differentiable.
+
+FWD_SCHEMA = "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
+BWD_SCHEMA = "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)"
 
 # Device types whose autocast runs layer_norm in float32 (CUDA's autocast policy); CPU autocast leaves it alone.
 _AUTOCAST_FP32_DEVICES = ("cuda",)
@@ -88,16 +89,6 @@ def _backward_for(bwd_op: Callable) -> Callable:
     return backward
 
 
-# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
-def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    stats = x.new_empty((math.prod(x.shape[:-1]),), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
-
-
-def _bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
-
-
 def _public_for(fwd_op: Callable) -> Callable:
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
         if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
@@ -108,18 +99,20 @@ def _public_for(fwd_op: Callable) -> Callable:
     return run
 
 
+# The fakes take the schemas' arguments (register_fake calls them positionally).
+def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    stats = x.new_empty((math.prod(x.shape[:-1]),), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+def _bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
 LAYER_NORM = KernelOp(
-    name="layer_norm",
-    fwd_schema="(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
-    bwd_schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
-    fwd_fake=_fwd_fake,
-    bwd_fake=_bwd_fake,
-    setup_context=_setup_context,
-    backward=_backward_for,
-    public=_public_for,
+    "layer_norm", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
 )
 
-_kernels = triton_kernels("layer_norm")
 if _kernels is not None:
 
     def _triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):

@@ -11,21 +11,13 @@ from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
 from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
+_kernels = triton_kernels("layernorm_mlp")  # None when the Triton kernels cannot load: the reason is recorded
 
-def layernorm_mlp_ref(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-    *,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    upcast: bool = False,
-) -> torch.Tensor:
+
+def layernorm_mlp_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, fc1_weight: torch.Tensor,
+                      fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *, eps: float = 1e-6,
+                      residual: torch.Tensor | None = None, dropout_p: float = 0.0,
+                      upcast: bool = False) -> torch.Tensor:
     """Reference through ``F.layer_norm``, ``F.linear`` and exact (erf) ``F.gelu``; differentiable.
 
     Dropout (``dropout_p``, training only) follows the GELU and fc2, before the residual, as in timm's Mlp.
@@ -46,14 +38,7 @@ def layernorm_mlp_ref(
 
 
 def _validate(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p) -> None:
-    _checks.tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError(f"x must have at least 1 dimension (..., C); got {_checks.describe(x)}")
-    c = x.shape[-1]
-    _checks.tensor("ln_weight", ln_weight, ndim=1)
-    _checks.tensor("ln_bias", ln_bias, ndim=1)
-    _checks.shape("ln_weight", ln_weight, (c,), "(the last dimension of x)")
-    _checks.shape("ln_bias", ln_bias, (c,), "(the last dimension of x)")
+    c = _checks.rows_and_affine(x, "ln_weight", ln_weight, "ln_bias", ln_bias, eps)
     _checks.tensor("fc1_weight", fc1_weight, ndim=2)
     _checks.shape("fc1_weight", fc1_weight, (None, c), "(hidden, C): nn.Linear layout with in_features = C")
     hidden = fc1_weight.shape[0]
@@ -71,27 +56,13 @@ def _validate(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         x=x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
         fc2_weight=fc2_weight, fc2_bias=fc2_bias, residual=residual,
     )
-    if not eps > 0:
-        raise ValueError(f"eps must be positive; got {eps!r}")
     _checks.probability("dropout_p", dropout_p)
 
 
-def _facts(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-    *,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> Facts:
-    mismatch = ()
+def _facts(x: torch.Tensor, *params: torch.Tensor, dropout_p: float = 0.0, **_: object) -> Facts:
     # Outside autocast the GEMM operands must share one dtype (autocast casts them to its own).
-    gemm = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    gemm = dict(zip(("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), (x, *params[2:]), strict=True))
+    mismatch = ()
     if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in gemm.values()}) > 1:
         listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
         mismatch = (f"mixed dtypes outside autocast ({listing})",)
@@ -107,7 +78,13 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
         "eps": 1e-6, "residual": x, "dropout_p": 0.0}
 
 
-backends.declare("layernorm_mlp", layernorm_mlp_ref, _facts, _example)
+def _bucket(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, fc1_weight: torch.Tensor,
+            *args: object, **_: object) -> tuple[int, ...]:
+    c = x.shape[-1]
+    return c, fc1_weight.shape[0], backends.size_bucket(x.numel() // max(c, 1))  # (C, hidden, rows)
+
+
+backends.declare("layernorm_mlp", layernorm_mlp_ref, _facts, _example, _bucket)
 
 
 # ---- the kernel contract ----------------------------------------------------------------------------------------
@@ -118,6 +95,16 @@ backends.declare("layernorm_mlp", layernorm_mlp_ref, _facts, _example)
 #             grad_fc2) -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)
 # mean, rstd (M,) are fp32; pre (M, hidden) is the pre-GELU activation, or (0,) when the forward did not save it
 # (the backward then recomputes it). Gradients not asked for come back as empty (0,) tensors.
+
+FWD_SCHEMA = (
+    "(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
+    "Tensor fc2_bias, Tensor? residual, float eps, bool save_pre) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor dout, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, "
+    "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, bool grad_ln, bool grad_fc1, bool grad_fc2) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -147,19 +134,28 @@ def _backward_for(bwd_op):
     return backward
 
 
-# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
-def _fwd_fake(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    eps: float,
-    save_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _public_for(fwd_op):
+    """The public op's signature over a backend's forward op (signature above)."""
+
+    def run(x: torch.Tensor, *params: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+            dropout_p: float = 0.0) -> torch.Tensor:
+        ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
+        # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
+        cdt = _checks.matmul_dtype(x)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        out, _mean, _rstd, _pre = fwd_op(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, float(eps), save_pre
+        )
+        return out
+
+    return run
+
+
+# The fakes take the schemas' arguments (register_fake calls them positionally).
+def _fwd_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, eps, save_pre):
     cdt = fc1_weight.dtype
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     m = x.numel() // x.shape[-1]
@@ -169,21 +165,8 @@ def _fwd_fake(
     return out, stat, torch.empty_like(stat), pre
 
 
-def _bwd_fake(
-    dout: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    pre: torch.Tensor,
-    grad_ln: bool,
-    grad_fc1: bool,
-    grad_fc2: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_fake(dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, pre, grad_ln, grad_fc1,
+              grad_fc2):
     cdt = fc1_weight.dtype
 
     def grad(wanted: bool, like: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -200,72 +183,22 @@ def _bwd_fake(
     )
 
 
-def _public_for(fwd_op):
-    """The public op's signature over a backend's forward op (signature above)."""
-
-    def run(
-        x: torch.Tensor,
-        ln_weight: torch.Tensor,
-        ln_bias: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        *,
-        eps: float = 1e-6,
-        residual: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-    ) -> torch.Tensor:
-        # Custom ops do not see autocast: cast the GEMM operands as autocast would for F.linear. The LayerNorm
-        # reads x and its parameters as they are and computes in fp32, as autocast's fp32 layer_norm does.
-        cdt = _checks.matmul_dtype(x)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t.to(cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
-        params = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-        out, _mean, _rstd, _pre = fwd_op(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, float(eps), save_pre
-        )
-        return out
-
-    return run
-
-
 LAYERNORM_MLP = KernelOp(
-    name="layernorm_mlp",
-    fwd_schema="(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
-    "Tensor fc2_bias, Tensor? residual, float eps, bool save_pre) -> (Tensor, Tensor, Tensor, Tensor)",
-    bwd_schema="(Tensor dout, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor fc1_bias, "
-    "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, bool grad_ln, bool grad_fc1, bool grad_fc2) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fwd_fake=_fwd_fake,
-    bwd_fake=_bwd_fake,
-    setup_context=_setup_context,
-    backward=_backward_for,
-    public=_public_for,
+    "layernorm_mlp", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
 )
 
-_kernels = triton_kernels("layernorm_mlp")
 if _kernels is not None:
     register_backend(LAYERNORM_MLP, "triton", Limits(devices=("cuda", "cpu"), max_width=_kernels.MAX_C,
-                                                     width_note="the LayerNorm row kernels hold whole rows"),
+                                                     width_note="the LayerNorm row kernels hold whole rows",
+                                                     auto_gemm_dtypes=HALF),
                      fwd=_kernels.layernorm_mlp_fwd, bwd=_kernels.layernorm_mlp_bwd)
 register_backend(LAYERNORM_MLP, "cuda", Limits(max_width=6144, gemm_dtypes=HALF, width_note="the LayerNorm "
                                                "backward keeps a row's column sums in shared memory"))
 
 
-def layernorm_mlp(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-    *,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def layernorm_mlp(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, fc1_weight: torch.Tensor,
+                  fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *, eps: float = 1e-6,
+                  residual: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """The MLP branch of a pre-LN transformer block in one call.
 
     Args:

@@ -14,16 +14,12 @@ from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
 from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 
+_kernels = triton_kernels("patch_embed")  # None when the Triton kernels cannot load: the reason is recorded
 
-def patch_embed_ref(
-    images: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    cls_token: torch.Tensor | None = None,
-    pos_embed: torch.Tensor | None = None,
-    upcast: bool = False,
-) -> torch.Tensor:
+
+def patch_embed_ref(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                    cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
+                    upcast: bool = False) -> torch.Tensor:
     """Reference through ``F.conv2d`` (stride = kernel = patch), flatten, transpose, cat and add.
 
     A ``pos_embed`` of length N is added to the patch tokens before the class token is prepended; one of
@@ -79,14 +75,7 @@ def _validate(images, weight, bias, cls_token, pos_embed) -> None:
     _checks.same_device(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
 
 
-def _facts(
-    images: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    cls_token: torch.Tensor | None = None,
-    pos_embed: torch.Tensor | None = None,
-) -> Facts:
+def _facts(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **_: object) -> Facts:
     conv = _autocast_dtype(images.device) or images.dtype
     return Facts(gemm_dtype=conv, mismatch=tuple(_conv_dtype_reasons(images, weight, bias)))
 
@@ -99,7 +88,13 @@ def _example(dtype: torch.dtype) -> tuple[tuple, dict]:
     return (m(64, 3, 224, 224), m(768, 3, 16, 16), m(768)), {"cls_token": m(1, 1, 768), "pos_embed": m(1, 197, 768)}
 
 
-backends.declare("patch_embed", patch_embed_ref, _facts, _example)
+def _bucket(images: torch.Tensor, weight: torch.Tensor, *args: object, **_: object) -> tuple[int, ...]:
+    e, c, ph, pw = weight.shape
+    patches = images.shape[0] * (images.shape[2] // ph) * (images.shape[3] // pw)
+    return c, ph, pw, e, backends.size_bucket(patches)  # (C, P, P, E, B * patches)
+
+
+backends.declare("patch_embed", patch_embed_ref, _facts, _example, _bucket)
 
 
 # ---- the kernel contract ----------------------------------------------------------------------------------------
@@ -107,6 +102,12 @@ backends.declare("patch_embed", patch_embed_ref, _facts, _example)
 #   forward (images, weight, bias, cls_token, pos_embed) -> the (B, [1+]N, E) tokens in the reference's dtype
 #   backward (grad_out, images, weight, bias, cls_token, pos_embed, images_grad, weight_grad)
 #     -> (dimages, dweight, dbias, dcls_token, dpos_embed), absent or unrequested gradients as empty (0,) tensors
+
+FWD_SCHEMA = "(Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed) -> Tensor"
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, "
+    "bool images_grad, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 def _out_dtype(images: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
     """The reference's result dtype: the conv's, promoted by the position embedding's addition."""
@@ -154,7 +155,21 @@ def _backward_for(bwd_op: Callable) -> Callable:
     return backward
 
 
-# The fakes' signatures repeat the schemas: register_fake calls them with the schema's arguments by name.
+def _public_for(fwd_op: Callable) -> Callable:
+    """The public op's signature over a backend's forward op."""
+
+    def run(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+            cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        dt = _autocast_dtype(images.device)
+        if dt is not None:  # the reference's F.conv2d runs in the autocast dtype
+            images, weight = images.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        return fwd_op(images, weight, bias, cls_token, pos_embed)
+
+    return run
+
+
+# The fakes take the schemas' arguments (register_fake calls them positionally).
 def _fwd_fake(images, weight, bias, cls_token, pos_embed):
     """Fake of every backend's forward op: the (B, [1+]N, E) token sequence in the reference's dtype."""
     b, _, h, w = images.shape
@@ -172,39 +187,10 @@ def _bwd_fake(grad_out, images, weight, bias, cls_token, pos_embed, images_grad,
     return like(images, images_grad), like(weight, weight_grad), like(bias), like(cls_token), like(pos_embed)
 
 
-def _public_for(fwd_op: Callable) -> Callable:
-    """The public op's signature over a backend's forward op."""
-
-    def run(
-        images: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *,
-        cls_token: torch.Tensor | None = None,
-        pos_embed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        dt = _autocast_dtype(images.device)
-        if dt is not None:  # the reference's F.conv2d runs in the autocast dtype
-            images, weight = images.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        return fwd_op(images, weight, bias, cls_token, pos_embed)
-
-    return run
-
-
 PATCH_EMBED = KernelOp(
-    name="patch_embed",
-    fwd_schema="(Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed) -> Tensor",
-    bwd_schema="(Tensor grad_out, Tensor images, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, "
-    "bool images_grad, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fwd_fake=_fwd_fake,
-    bwd_fake=_bwd_fake,
-    setup_context=_setup_context,
-    backward=_backward_for,
-    public=_public_for,
+    "patch_embed", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
 )
 
-_kernels = triton_kernels("patch_embed")
 if _kernels is not None:
 
     def _triton_fwd(images, weight, bias, cls_token, pos_embed):
@@ -240,7 +226,8 @@ if _kernels is not None:
         )
 
 
-    register_backend(PATCH_EMBED, "triton", Limits(devices=("cuda", "cpu")), fwd=_triton_fwd, bwd=_triton_bwd)
+    register_backend(PATCH_EMBED, "triton", Limits(devices=("cuda", "cpu"), auto_gemm_dtypes=HALF), fwd=_triton_fwd,
+                     bwd=_triton_bwd)
 register_backend(PATCH_EMBED, "cuda", Limits(gemm_dtypes=HALF))
 
 
