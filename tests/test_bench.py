@@ -280,7 +280,7 @@ def test_gpu_check_without_a_gpu_skips_the_gpu_steps(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py")], capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "skipping build, GPU tests, benchmarks" in out.stdout
+    assert "skipping build, correctness, compute-sanitizer, benchmarks, policy, GPU tests" in out.stdout
     assert out.stdout.rstrip().splitlines()[-1].startswith("total")  # the summary table comes last
     # OUT gets the run folder as one tarball plus its summary (a remote machine returns a few files)
     delivered = set(os.listdir(tmp_path))
@@ -294,14 +294,17 @@ def test_gpu_check_without_a_gpu_skips_the_gpu_steps(tmp_path):
 
 @pytest.mark.parametrize("installed", [True, False])
 def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
-    """The GPU branch with the GPU faked: the steps in order, limits inside the deadline, statuses, and the
-    run from the source tree when the package does not import as installed."""
+    """The GPU branch with the GPU faked: the decisive steps first (correctness on fixed configs, the sanitizer),
+    then bench, tune, the full suite; limits inside the deadline; statuses; the policy file delivered and named
+    for commit; and the run from the source tree when the package does not import as installed."""
     gc = _load(os.path.join(REPO, "benchmarks", "gpu_check.py"))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("VIT_FAST_AUTOTUNE", "0")  # as the test session sets it: the timed steps must not inherit it
     monkeypatch.setattr(gc, "environment", lambda commit=None: {
         "time": "2026-01-01T00:00:00+00:00", "python": "3", "torch": "2.11", "torch_cuda": "13.0",
         "cuda_available": True, "git_commit": "abc1234", "git_dirty": False, "triton": "3.6", "nvcc": "13.0",
         "gpu": "NVIDIA H200", "driver": "580"})
+    monkeypatch.setattr(gc, "find_sanitizer", lambda: "/cuda/bin/compute-sanitizer")
     ran = []
 
     def fake_run(cmd, log, timeout, env=None, cwd=gc.REPO):
@@ -309,11 +312,21 @@ def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
         text = "$ fake\n"
         if "pytest" in cmd:
             text += "1 failed, 3 passed in 2.0s\n===== 1 failed, 3 passed in 2.00s =====\n"
+        if "compute-sanitizer" in cmd[0]:
+            text += "========= ERROR SUMMARY: 0 errors\n"
         with open(log, "w") as f:
             f.write(text)
         if "bench" in cmd:
             with open(os.path.join(cmd[cmd.index("--out") + 1], "results.json"), "w") as f:
                 json.dump({"rows": [], "violations": []}, f)
+        if "correctness" in cmd:
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"rows": [{"op": "attention", "backend": "cuda", "status": "FAIL"},
+                                    {"op": "attention", "backend": "triton", "status": "PASS"}]}, f)
+            return 1, 1.0
+        if "tune" in cmd:
+            with open(os.path.join(env["VIT_FAST_POLICY"], "nvidia-h200-sm90.json"), "w") as f:
+                f.write("{}")
         if "-c" in cmd:
             return (0 if installed else 1), 1.0
         return (1 if "pytest" in cmd else 0), 1.0
@@ -323,15 +336,29 @@ def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
     monkeypatch.setattr(gc.tempfile, "tempdir", str(tmp_path / "tmp"))  # the overlay folder goes there
     assert gc.main(["--deadline-s", "420"]) == 1  # a failing GPU test fails the check
     text = capsys.readouterr().out
-    steps = [" ".join(c[:6]) for c, *_ in ran]
+    steps = [" ".join(c[:7]) for c, *_ in ran]
     assert "pip install --no-deps --no-build-isolation" in steps[0] and "import vit_fast.kernels" in steps[1]
-    assert "vit_fast.cli info" in steps[2] and "-m pytest -m cuda" in steps[3]
-    assert "vit_fast.cli bench --quick" in steps[4] and "compare.py" in steps[5]
-    assert all(t <= 420 for _, t, *_ in ran)
-    bench_cmd, bench_limit = ran[4][0], ran[4][1]
+    assert "vit_fast.cli info" in steps[2] and "--child correctness" in steps[3]
+    assert "--tool memcheck" in steps[4] and "--tool racecheck" in steps[5]
+    assert ran[5][0][-2:] == ["--child", "sanitize"]
+    assert "vit_fast.cli bench --quick" in steps[6] and "compare.py" in steps[7]
+    assert "vit_fast.cli tune --quick" in steps[8] and "-m pytest -m cuda" in steps[9] and len(ran) == 10
+    # the facts run on fixed kernel configs; the timed steps autotune as users do
+    assert [r[2].get("VIT_FAST_AUTOTUNE") for r in ran[3:10]] == ["0", "0", "0", None, None, None, None]
+    assert ran[4][2]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    limits = [t for _, t, *_ in ran]
+    caps = [gc.PLAN[s][0] for s in ("correctness", "memcheck", "racecheck", "bench", "tune", "tests")]
+    assert all(t <= 420 for t in limits) and limits[3:7] + limits[8:10] == caps  # steps this fast get their caps
+    bench_cmd, bench_limit = ran[6][0], ran[6][1]
     assert float(bench_cmd[bench_cmd.index("--budget-s") + 1]) < bench_limit
-    assert "| 3 GPU tests | FAIL |" in text and "1 failed, 3 passed" in text
-    assert set(os.listdir(tmp_path / "out")) == {"2026-01-01_nvidia-h200_abc1234.tar.gz", "summary.md", "results.json"}
+    tune_cmd, tune_limit = ran[8][0], ran[8][1]
+    assert float(tune_cmd[tune_cmd.index("--budget-s") + 1]) < tune_limit
+    assert "| 3 correctness | FAIL |" in text and "1 passed, 1 failed (attention/cuda)" in text
+    assert "| 4 memcheck | PASS |" in text and "ERROR SUMMARY: 0 errors" in text
+    assert "| 7 GPU tests | FAIL |" in text and "1 failed, 3 passed" in text
+    assert "| 6 policy | PASS |" in text and "as vit_fast/policies/nvidia-h200-sm90.json" in text
+    assert set(os.listdir(tmp_path / "out")) == {"2026-01-01_nvidia-h200_abc1234.tar.gz", "summary.md", "results.json",
+                                                 "nvidia-h200-sm90.json"}
     cwds = {cwd for *_, cwd in ran[2:]}
     if installed:
         assert cwds == {gc.REPO} and "| 2 build | PASS |" in text
@@ -340,6 +367,41 @@ def test_gpu_check_flow_on_a_gpu(tmp_path, monkeypatch, capsys, installed):
         assert os.path.isfile(os.path.join(overlay, "vit_fast", "kernels", "__init__.py"))
         assert all(env["PYTHONPATH"].split(os.pathsep)[0] == overlay for _, _, env, _ in ran[2:])
         assert "| 2 build | FAIL |" in text and "source tree" in text
+
+
+def test_gpu_check_step_limits_leave_the_later_steps_their_least(monkeypatch):
+    gc = _load(os.path.join(REPO, "benchmarks", "gpu_check.py"))
+    check = gc.Check(420)
+    monkeypatch.setattr(check, "left", lambda: 300.0)  # a slow build took two minutes
+    later = sum(least for _, least in list(gc.PLAN.values())[2:])
+    assert check.limit("correctness") == min(gc.PLAN["correctness"][0], 300 - later)
+    monkeypatch.setattr(check, "left", lambda: 40.0)
+    assert check.limit("tests") == 40 and check.limit("bench") == 5.0  # the last step takes the rest; never below 5 s
+
+
+def test_gpu_check_children_run_on_cpu(tmp_path):
+    """The code the GPU run executes in its children, run here on CPU: the correctness rows (with the launch
+    proof) and the sanitizer's target."""
+    from vit_fast import backends
+
+    gc = _load(os.path.join(REPO, "benchmarks", "gpu_check.py"))
+    small = {"attention": [{"B": 1, "H": 2, "N": 7, "D": 16}], "layer_norm": [{"B": 1, "N": 5, "C": 32}],
+             "layernorm_mlp": [{"B": 1, "N": 5, "C": 16, "hidden": 32}],
+             "patch_embed": [{"B": 1, "in_chans": 3, "img": 8, "P": 4, "E": 16}]}
+    path = str(tmp_path / "correctness.json")
+    assert gc.correctness(path, device="cpu", dtypes=("float32",), shapes=small) == 0
+    with open(path) as f:
+        rows = {(r["op"], r["backend"]): r for r in json.load(f)["rows"]}
+    assert set(rows) == {(op, b) for op in small for b in ("triton", "cuda", "reference")}
+    for op in small:
+        assert rows[(op, "reference")]["status"] == "PASS" and rows[(op, "reference")]["launched"] == [[op, "fwd"]]
+        assert rows[(op, "cuda")]["status"] == "SKIP"
+        triton = rows[(op, "triton")]
+        if triton["status"] != "SKIP":  # under the interpreter: forward and backward really launched
+            assert triton["status"] == "PASS" and triton["launched"] == [[op, "bwd"], [op, "fwd"]], triton
+    assert gc.sanitize_target(device="cpu", backend="reference") == 0
+    if backends.unavailable("cuda"):
+        assert gc.sanitize_target(device="cpu", backend="cuda") == 4  # a skip, with the reason printed
 
 
 # ---------------------------------------------------------------------------------------------- op targets

@@ -2,14 +2,16 @@
 
 Backends: ``reference`` (pure PyTorch, runs everywhere), ``triton`` (kernels/), ``cuda`` (vit_fast._C), and
 ``auto``. Each kernel backend declares, per op, its :class:`Limits` as data; from them and the inputs it
-answers a list of reasons why it cannot run them. :func:`pick` is the one function that chooses: ``auto``
-walks a per-device priority list and takes the first backend with no reason (``reference`` always qualifies);
-an explicitly chosen backend that cannot run raises :class:`BackendUnavailableError` with every reason.
+answers a list of reasons why it cannot run them. :func:`pick` is the one function that chooses: on CUDA
+``auto`` follows the device's measured policy (:mod:`vit_fast.policy`: per op, dtype, mode and shape bucket, the
+backends verified and timed faster than the reference, fastest first) and takes the first with no reason;
+unmeasured means the reference, and so does every other device. An explicitly chosen backend that cannot run
+raises :class:`BackendUnavailableError` with every reason.
 :func:`explain` reports what :func:`pick` chose, for example inputs or for a model on real inputs.
 
-Selection reads only module globals set at import (what is installed and built) and the inputs' device,
-dtype and shapes, so under ``torch.compile`` it becomes guards, not graph breaks. Nothing here queries the
-GPU at import time.
+Selection reads only module globals set at import (what is installed and built), the policy read once per
+device at its first pick, and the inputs' device, dtype, shapes and whether they need gradients, so under
+``torch.compile`` it becomes guards, not graph breaks. Nothing here queries the GPU at import time.
 """
 
 from __future__ import annotations
@@ -23,18 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._pytree import tree_map_only
 
+from vit_fast import policy
+
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
 CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 HALF: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 FLOATS: tuple[torch.dtype, ...] = (*HALF, torch.float32)
 
-# auto's priority per device type. The CUDA C++ kernels join the CUDA list once they have passed the GPU
-# tests on real hardware; on CPU the reference (PyTorch's own CPU kernels) is the fast path, the Triton
-# interpreter is for testing only.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "reference"),
-    "cpu": ("reference",),
-}
+# auto follows a policy on CUDA only: on CPU the reference (PyTorch's CPU kernels) is the fast path, the Triton
+# interpreter a test tool.
+POLICY_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 RAISES = "(raises)"  # what explain() reports as the pick where the backend set explicitly cannot run
@@ -74,6 +74,17 @@ class Limits:
     width_note: str = ""
     dropout: bool = False
     min_capability: tuple[int, int] = (8, 0)
+    # None: auto may pick the backend for any GEMM dtype it runs. Else auto passes it over for the others, which
+    # an explicit set_backend still runs (the Triton kernels' fp32 tl.dot is IEEE FMA work, off the tensor cores).
+    auto_gemm_dtypes: tuple[torch.dtype, ...] | None = None
+
+    def auto_reasons(self, facts: Facts) -> list[str]:
+        """Why ``auto`` passes this backend over for inputs it can run."""
+        if self.auto_gemm_dtypes is None or facts.gemm_dtype is None or facts.gemm_dtype in self.auto_gemm_dtypes:
+            return []
+        allowed = ", ".join(map(_dtype_name, self.auto_gemm_dtypes))
+        return [f"auto: GEMM dtype {_dtype_name(facts.gemm_dtype)} is left to the reference (auto picks this "
+                f"backend for {allowed}; set_backend runs it)"]
 
     def reasons(self, facts: Facts, device: torch.device, dtypes: set[torch.dtype]) -> list[str]:
         why = []
@@ -128,10 +139,11 @@ class Impl:
 @dataclass
 class OpInfo:
     """What the dispatcher knows of an op: how to read its inputs' facts, example inputs for :func:`explain`,
-    and its implementations by backend."""
+    the shape bucket a policy measures it in, and its implementations by backend."""
 
     facts: Callable[..., Facts]
     example: Callable[[torch.dtype], tuple[tuple, dict]]
+    bucket: Callable[..., tuple[int, ...]]
     impls: dict[str, Impl] = field(default_factory=dict)
 
 
@@ -161,10 +173,23 @@ _INTERPRET = triton_interpreter()
 
 
 def declare(op: str, reference: Callable, facts: Callable[..., Facts],
-            example: Callable[[torch.dtype], tuple[tuple, dict]]) -> None:
+            example: Callable[[torch.dtype], tuple[tuple, dict]], bucket: Callable[..., tuple[int, ...]]) -> None:
     """Declare an op: its reference implementation, how to read the facts the limits look at from its
-    arguments, and small example inputs (on the meta device) for :func:`explain`."""
-    _OPS[op] = OpInfo(facts=facts, example=example, impls={"reference": Impl(reference)})
+    arguments, small example inputs (on the meta device) for :func:`explain`, and its policy bucket: from the
+    shapes only, the sizes that decide which kernel is fastest, coarsened by :func:`size_bucket`, the
+    batch-like size (rows, batch x heads) last."""
+    _OPS[op] = OpInfo(facts=facts, example=example, bucket=bucket, impls={"reference": Impl(reference)})
+
+
+def size_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (int(): a symbolic size under torch.compile specializes: the choice
+    depends on it)."""
+    return 1 if int(n) <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def bucket(op: str, args: Sequence, kwargs: dict) -> tuple[int, ...]:
+    """``op``'s shape bucket for these inputs (see :func:`declare`)."""
+    return tuple(int(b) for b in _OPS[op].bucket(*args, **kwargs))
 
 
 def register(op: str, backend: str, fn: Callable | None, limits: Limits) -> None:
@@ -254,15 +279,23 @@ def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
 
+def _interpreter_bf16_dot_ok() -> bool:
+    """Whether the interpreter multiplies bf16 ``tl.dot`` operands as numbers (the test suite corrects it)."""
+    return importlib.import_module("vit_fast.kernels").interpreter_bf16_dot_ok()
+
+
 def _backend_reasons(backend: str, device: torch.device, tensors: Sequence[torch.Tensor]) -> list[str]:
     """Reasons that belong to the backend rather than to one op's kernels."""
-    if backend != "triton" or device.type != "cpu":
-        return []
     why = []
+    if backend in ("triton", "cuda") and torch.version.hip:
+        why.append(f"ROCm build of torch (HIP {torch.version.hip}): the {backend} kernels are not tested on ROCm yet")
+    if backend != "triton" or device.type != "cpu":
+        return why
     if not _INTERPRET:
         why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    if amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors):
+    bf16 = amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors)
+    if bf16 and "triton" not in _UNAVAILABLE and not _interpreter_bf16_dot_ok():
         why.append("bfloat16 on CPU: the Triton interpreter computes bfloat16 tl.dot wrongly (bf16 runs on a GPU)")
     return why
 
@@ -294,7 +327,35 @@ class Pick:
     backend: str
     fn: Callable
     reasons: dict[str, list[str]]
-    why: str  # why this backend: "auto on cuda: first of triton, reference that runs", "set_backend('triton')"
+    why: str  # "auto on cuda: policy ...: triton measured 1.31x the reference ...", "set_backend('triton')"
+    speedups: dict[str, float] = field(default_factory=dict)  # the policy's measured speedup over the reference
+
+
+def policy_key(op: str, args: Sequence, kwargs: dict) -> tuple[str, str, tuple[int, ...]]:
+    """``(dtype, mode, bucket)`` under which a policy records ``op`` on these inputs: the dtype its matmuls run
+    in (autocast's when on), ``fwd+bwd`` when a gradient will be wanted, else ``fwd``, and its shape bucket."""
+    tensors = _tensors(args, kwargs)
+    dtype = _OPS[op].facts(*args, **kwargs).gemm_dtype or tensors[0].dtype
+    mode = "fwd+bwd" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "fwd"
+    return _dtype_name(dtype), mode, bucket(op, args, kwargs)
+
+
+def _auto(op: str, args: Sequence, kwargs: dict, dev: torch.device, why_not: Callable[[str], list[str]],
+          full: bool) -> tuple[str, str, dict[str, float]]:
+    """``(backend, why, speedups)``: on CUDA the first backend of the policy's order that runs; elsewhere the
+    reference (explain(), ``full``, also shows a tuned policy's record)."""
+    if dev.type not in POLICY_DEVICES:
+        if not full or policy.found(dev).policy is None:
+            return "reference", f"auto on {dev.type}: the reference", {}
+        _, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs))
+        return "reference", f"auto on {dev.type}: the reference ({because})", dict(gains)
+    order, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs))
+    facts = _OPS[op].facts(*args, **kwargs)
+    runs = lambda b: b == "reference" or not (why_not(b) or limits(op, b).auto_reasons(facts))
+    chosen = next((b for b in order if runs(b)), "reference")
+    if chosen != order[0]:
+        because += f"; {', '.join(order[: order.index(chosen)])} passed over for these inputs (see why not): {chosen}"
+    return chosen, f"auto on {dev.type}: {because}", dict(gains)
 
 
 def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
@@ -322,10 +383,8 @@ def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
     if any(t.numel() == 0 for t in tensors):  # nothing to launch: the reference returns the empty result
         return Pick(op, "reference", info.impls["reference"].fn, why, "empty input: nothing to compute")
     if name == "auto":
-        order = AUTO_ORDER.get(dev.type, ())
-        chosen = next((b for b in order if not why_not(b)), "reference")
-        because = f"auto on {dev.type}: the first of {', '.join(order)} that runs"
-        return Pick(op, chosen, info.impls[chosen].fn, why, because)
+        chosen, because, gains = _auto(op, args, kwargs, dev, why_not, full)
+        return Pick(op, chosen, info.impls[chosen].fn, why, because, gains)
     if why_not(name):
         raise BackendUnavailableError(f"backend {name!r} cannot run {op} on these inputs: " + "; ".join(why[name]))
     return Pick(op, name, info.impls[name].fn, why, f"set_backend({name!r})")
@@ -393,10 +452,11 @@ def dispatch(op: str, *args, **kwargs):
 @dataclass
 class Explanation:
     """What :func:`explain` found: one row per (op, backend) or, for a model, per (layer, op, backend); and
-    the backend picked per row group."""
+    the backend picked per row group. The title names the policy in force; ``speedup`` is the policy's
+    measured speedup of that backend over the reference (None: not measured), the picked row's note says why."""
 
     title: str
-    rows: list[dict]  # {"where", "op", "backend", "available", "reasons", "note", "picked"}
+    rows: list[dict]  # {"where", "op", "backend", "available", "reasons", "note", "picked", "raises", "speedup"}
 
     @property
     def picked(self) -> dict[str, str]:
@@ -408,25 +468,30 @@ class Explanation:
     def __str__(self) -> str:
         lines = [self.title]
         w = max((len(r["where"]) for r in self.rows), default=2)
-        lines.append(f"{'op':<{w}}  {'backend':<9}  {'runs':<4}  why not")
+        lines.append(f"{'op':<{w}}  {'backend':<9}  {'runs':<4}  {'measured':<8}  why not")
         for r in self.rows:
             mark = "yes" if r["available"] else "no"
+            measured = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
             pick_mark = "  <- picked" if r["picked"] else ("  <- set, raises" if r["raises"] else "")
             detail = "; ".join(r["reasons"]) or (f"- ({r['note']})" if r["note"] else "-")
-            lines.append(f"{r['where']:<{w}}  {r['backend']:<9}  {mark:<4}  {detail}{pick_mark}")
+            lines.append(f"{r['where']:<{w}}  {r['backend']:<9}  {mark:<4}  {measured:<8}  {detail}{pick_mark}")
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def _rows_for(where: str, op: str, per_backend: dict[str, list[str]], chosen: str, device: torch.device) -> list[dict]:
+def _rows_for(where: str, op: str, per_backend: dict[str, list[str]], chosen: str, device: torch.device,
+              picked: Pick | None = None) -> list[dict]:
     rows = []
     for backend in BACKENDS:
         why = per_backend[backend]
         note = "Triton interpreter: slow, for tests" if backend == "triton" and device.type == "cpu" else ""
+        if picked is not None and backend == chosen:
+            note = picked.why
         rows.append({"where": where, "op": op, "backend": backend, "available": not why, "reasons": why,
                      "note": note, "picked": backend == chosen,
-                     "raises": chosen == RAISES and backend == get_backend()})
+                     "raises": chosen == RAISES and backend == get_backend(),
+                     "speedup": None if picked is None else picked.speedups.get(backend)})
     return rows
 
 
@@ -464,12 +529,15 @@ def _explain_examples(device: str | torch.device | None = None, dtype: torch.dty
         else:
             gone = "no CUDA device visible" if device.type == "cuda" else f"device {device.type} not supported"
             per_backend = {b: ([] if b == "reference" else [gone, *filter(None, [unavailable(b)])]) for b in BACKENDS}
+        picked = None
         try:
-            chosen = pick(op, args, kwargs, device=device).backend if usable else "reference"
+            picked = pick(op, args, kwargs, device=device) if usable else None
+            chosen = "reference" if picked is None else picked.backend
         except BackendUnavailableError:
             chosen = RAISES
-        rows += _rows_for(op, op, per_backend, chosen, device)
-    title = f"device {device}, dtype {_dtype_name(dtype)}, backend setting {setting!r}"
+        rows += _rows_for(op, op, per_backend, chosen, device, picked)
+    in_force = policy.describe(device) if usable else "no CUDA device visible: no policy applies"
+    title = f"device {device}, dtype {_dtype_name(dtype)}, backend setting {setting!r}; {in_force}"
     return Explanation(title, rows)
 
 
@@ -508,9 +576,10 @@ def _explain_model(model: torch.nn.Module, images: torch.Tensor) -> Explanation:
     rows = []
     for (pattern, op, chosen, _), wheres in groups.items():
         p = seen[(wheres[0], op)]
-        rows += _rows_for(f"{_layer_span(pattern, wheres) or '(model)'}: {op}", op, p.reasons, chosen, images.device)
+        rows += _rows_for(f"{_layer_span(pattern, wheres) or '(model)'}: {op}", op, p.reasons, chosen, images.device,
+                          p if chosen != RAISES else None)
     title = (f"{type(model).__name__} on images {tuple(images.shape)} {_dtype_name(images.dtype)} "
-             f"({images.device}), backend setting {get_backend()!r}")
+             f"({images.device}), backend setting {get_backend()!r}; {policy.describe(images.device)}")
     return Explanation(title, rows)
 
 

@@ -72,6 +72,65 @@ def _ours(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(base)
 
 
+INFERENCE_ONLY = "inference only: quantized and graphed models do not train"
+
+
+def _quantized(fmt: str) -> Callable[[ViTConfig, torch.nn.Module], torch.nn.Module]:
+    def build(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+        from vit_fast.quantize import quantize
+
+        return quantize(base, fmt)  # a copy
+
+    return build
+
+
+def _graphed(fmt: str | None) -> Callable[[ViTConfig, torch.nn.Module], torch.nn.Module]:
+    """The serving path: optimize_for_inference, one CUDA graph for the case's batch (the dtype is the case's:
+    the predictor is made on the first call, when the case has cast the model)."""
+
+    class Graphed(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model, self.predictor = model, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.predictor is None:
+                self.predictor = vit_fast.optimize_for_inference(self.model, dtype=x.dtype, batch_sizes=(len(x),))
+            return self.predictor(x)
+
+    def build(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+        return Graphed(_quantized(fmt)(cfg, base) if fmt else copy.deepcopy(base))
+
+    return build
+
+
+def _reduce_overhead(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+    torch._dynamo.reset()
+    return torch.compile(copy.deepcopy(base), mode="reduce-overhead", dynamic=False)
+
+
+def inference_providers(device: torch.device, dtype: torch.dtype, *, allow_compile: bool = True) -> list[Provider]:
+    """Quantized (int8 on CPU, fp8 on CUDA) and low-latency (CUDA graphs, compile's reduce-overhead) inference."""
+    from vit_fast.quantize import supported_formats
+
+    formats = supported_formats(device)
+    fp8_skip = ("fp8 on CPU runs torch._scaled_mm's slow CPU path: a numerics check (vit-fast eval --quantize fp8), "
+               "not a speed path") if device.type == "cpu" else None
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        fp8_skip = "fp8 rows run with --dtype bfloat16 (row-wise scaled cuBLASLt FP8 GEMMs write bf16)"
+    no_graphs = None if device.type == "cuda" else "CUDA graphs need a CUDA device (on CPU the forward runs eagerly)"
+    out = [Provider("vit_fast:int8", "vit_fast", _quantized("int8"), skip=formats["int8"], train_skip=INFERENCE_ONLY),
+           Provider("vit_fast:fp8", "vit_fast", _quantized("fp8"), skip=formats["fp8"] or fp8_skip,
+                    train_skip=INFERENCE_ONLY),
+           Provider("graphed:vit_fast", "vit_fast", _graphed(None), skip=no_graphs, train_skip=INFERENCE_ONLY),
+           Provider("graphed:vit_fast:fp8", "vit_fast", _graphed("fp8"), skip=no_graphs or formats["fp8"] or fp8_skip,
+                    train_skip=INFERENCE_ONLY)]
+    ro_skip = None if allow_compile else "torch.compile disabled (--no-compile)"
+    out.append(Provider("compiled:vit_fast:reduce-overhead", "vit_fast", _reduce_overhead,
+                        skip=no_graphs or ro_skip, train_skip=INFERENCE_ONLY))
+    return out
+
+
 def model_providers(device: torch.device, dtype: torch.dtype, *, quick: bool, allow_compile: bool = True,
                     ) -> list[Provider]:
     """vit_fast per backend, ``auto`` when it mixes backends, vit_fast compiled, timm eager and compiled."""
@@ -91,7 +150,7 @@ def model_providers(device: torch.device, dtype: torch.dtype, *, quick: bool, al
     out.append(Provider("timm:eager", "baseline", _timm_copy, skip=tskip))
     out.append(Provider("compiled:timm", "baseline", _timm_copy, compile=True, skip=tskip or cskip,
                         train_skip=ctrain))
-    return out
+    return out + inference_providers(device, dtype, allow_compile=allow_compile)
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -134,6 +193,19 @@ class _ModelCase:
                                       None)
                 same = _train_grads(copy.deepcopy(base).train(), images, labels, self.amp)
         self.expect = (same, oracle)
+        self._quantized_expect: dict[str, tuple] = {}
+
+    def expect_for(self, p: Provider) -> tuple:
+        """What a provider is checked against. A quantized model is held to its own error: the same quantized
+        model on the reference backend is the "same dtype" result the scale-aware rule measures from."""
+        fmt = next((f for f in ("int8", "fp8") if p.name.endswith(f":{f}")), None)
+        if fmt is None or self.mode != "inference" or p.skip:
+            return self.expect
+        if fmt not in self._quantized_expect:
+            with vit_fast.set_backend("reference"), torch.no_grad():
+                model = _quantized(fmt)(self.cfg, self.base).to(self.dtype)
+                self._quantized_expect[fmt] = ([model(self.images.to(self.dtype))], self.expect[1])
+        return self._quantized_expect[fmt]
 
     def precision(self) -> str:
         if self.mode == "inference":
@@ -181,7 +253,7 @@ def bench_model(name: str, batch: int, dtype: torch.dtype, device: torch.device,
         for p in providers:
             row = new_row("model", name, p, mode, dtype, {"B": batch}, f"B{batch}")
             row.update(batch=batch, precision=case.precision())
-            timing = check_and_time(row, p, partial(case.prepare, p), case.expect, dtype, timer, budget,
+            timing = check_and_time(row, p, partial(case.prepare, p), case.expect_for(p), dtype, timer, budget,
                                     skip=p.train_skip if mode == "train" else None,
                                     reserve_s=120 if p.compile else 5, heavy=True)
             gc.collect()  # the provider's model and optimizer are gone: give their memory back
