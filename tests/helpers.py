@@ -91,12 +91,19 @@ def leaves(tensors, dtype: torch.dtype | None = None, *, grad: bool | None = Non
     return tree_map_only(torch.Tensor, copy, tensors)
 
 
+def _home(op: str):
+    """The module holding ``op``'s public function and reference: :mod:`vit_fast.ops`, or for the quantized-inference
+    ops :mod:`vit_fast.ops.scaled_linear` (a function named ``scaled_linear`` in ``vit_fast.ops`` would hide that
+    module, which ``vit_fast.quantize`` and the tests import by name)."""
+    return vit_fast.ops.scaled_linear if op in vit_fast.ops.scaled_linear.__all__ else vit_fast.ops
+
+
 def public(op: str):
-    return getattr(vit_fast.ops, op)
+    return getattr(_home(op), op)
 
 
 def reference(op: str):
-    return getattr(vit_fast.ops, f"{op}_ref")
+    return getattr(_home(op), f"{op}_ref")
 
 
 def named_inputs(op: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -162,6 +169,43 @@ def patch_embed_inputs(b: int, c: int, h: int, w: int, p: int, e: int, *, cls: b
     args = (leaf(b, c, h, w), leaf(e, c, p, p, scale=(c * p * p) ** -0.5), leaf(e) if bias else None)
     return args, {"cls_token": leaf(1, 1, e) if cls else None,
                   "pos_embed": None if pos is None else leaf(1, n + (pos == "1+N"), e, scale=0.5), **kwargs}
+
+
+# The quantized-inference ops are forward only: their inputs never require grad.
+
+
+def quantize_rows_inputs(shape: tuple[int, int], dtype: torch.dtype = torch.float32, *, device: str = DEVICE,
+                         **kwargs) -> tuple[tuple, dict]:
+    """x (M, C) with rows of different magnitudes, so each row gets a scale of its own."""
+    m, c = shape
+    x = torch.randn(m, c, device=device) * torch.logspace(-1, 1, m, device=device)[:, None]
+    return (x.to(dtype),), kwargs
+
+
+def layer_norm_fp8_inputs(shape: tuple[int, int], dtype: torch.dtype = torch.float32, *, device: str = DEVICE,
+                          **kwargs) -> tuple[tuple, dict]:
+    """:func:`layer_norm_inputs` for (M, C) rows, without gradients."""
+    return leaves(layer_norm_inputs(shape, dtype, device=device, **kwargs), grad=False)
+
+
+def scaled_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, *, bias: bool = True,
+                         device: str = DEVICE) -> tuple[tuple, dict]:
+    """e4m3 x_q (M, K) with per-row scales, e4m3 weight_q (N, K) with per-channel scales (quantized by the
+    reference), a bias in ``dtype`` and ``out_dtype=dtype``: ``dtype`` is the float side of the op."""
+    q = vit_fast.ops.scaled_linear
+    x_q, x_scale = q.quantize_rows_ref(torch.randn(m, k, device=device))
+    weight_q, weight_scale = q.quantize_rows_ref(torch.randn(n, k, device=device) * k**-0.5)
+    b = (0.5 * torch.randn(n, device=device)).to(dtype) if bias else None
+    return (x_q, x_scale, weight_q, weight_scale, b), {"out_dtype": dtype}
+
+
+def int8_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[tuple, dict]:
+    """x (M, K) on CPU (fbgemm's int8 kernels are CPU only, whatever the suite's device) and the prepacked
+    per-channel int8 weight and bias of a random Linear, packed as :class:`vit_fast.quantize.Int8Linear` packs."""
+    from vit_fast.quantize import Int8Linear
+
+    packed = Int8Linear.from_linear(torch.nn.Linear(k, n))._pack()
+    return (torch.randn(m, k).to(dtype), packed), {"reduce_range": torch.backends.quantized.engine in ("x86", "fbgemm")}
 
 
 # ---- the oracle check ------------------------------------------------------------------------------------------

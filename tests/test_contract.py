@@ -4,6 +4,11 @@ empty inputs, float64 (raise when chosen, fall back in auto), torch.library.opch
 torch.compile(fullgraph=True), deterministic backward, only the requested gradients, NaN rows, bad inputs
 (raised before dispatch), any strides.
 
+The quantized-inference ops (quantize_rows, layer_norm_fp8, scaled_linear, int8_linear) keep the same contract
+forward only: their cases say so as data (``no_backward``), and say how their e4m3 / int8 outputs are compared
+(``close``: there is no float64 oracle of a quantized result) and where an op does not keep a clause yet
+(``diverges``: strict xfails, so a fix shows up as XPASS).
+
 The reference and Triton (through the interpreter on CPU) run everywhere; the cuda backend's cases carry the
 ``cuda`` marker. Op-specific numerics live in tests/test_<op>.py.
 """
@@ -11,7 +16,7 @@ The reference and Triton (through the interpreter on CPU) run everywhere; the cu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -22,16 +27,21 @@ from helpers import (
     backend_params,
     check_oracle,
     count,
+    int8_linear_inputs,
     launches,
+    layer_norm_fp8_inputs,
     layer_norm_inputs,
     layernorm_mlp_inputs,
     leaves,
     named_inputs,
     patch_embed_inputs,
     public,
+    quantize_rows_inputs,
     reference,
     run,
+    scaled_linear_inputs,
 )
+from torch.utils._pytree import tree_map_only
 
 import vit_fast
 from vit_fast import backends
@@ -49,11 +59,25 @@ class Case:
     strided: tuple[Callable[[torch.dtype, str], Inputs], ...]
     deterministic: Callable[[torch.dtype, str], Inputs]
     # poisons one element of (args, kwargs) in place and returns the output positions the formula makes NaN
-    nan: tuple[tuple[str, Callable[[tuple, dict], torch.Tensor]], ...]
+    # (a mask, or one per output for ops that return several)
+    nan: tuple[tuple[str, Callable[[tuple, dict], torch.Tensor | tuple[torch.Tensor, ...]]], ...]
     # (inputs that require grad, whether the backend's backward runs at all)
     requested: tuple[tuple[tuple[str, ...], bool], ...]
-    opcheck: Callable[[str, torch.dtype, str], list[tuple[str, tuple]]]
+    # (backend, dtype, device) -> [(custom op name under torch.ops.vit_fast, args)]; None: no kernel backend
+    opcheck: Callable[[str, torch.dtype, str], list[tuple[str, tuple]]] | None
     bad: Callable[[], list[tuple[tuple, dict, type, str]]]
+    # None: the op has an autograd rule. Else why the gradient clauses do not apply: they skip with this reason.
+    no_backward: str | None = None
+    # None: float64 is what the kernels refuse and the reference runs. Else (error, match) that every backend
+    # raises before dispatch: the op's documented dtype rule.
+    float64_raises: tuple[type[Exception], str] | None = None
+    # None: outputs are checked against the float64 oracle (<op>_ref(upcast=True)) by the one tolerance rule.
+    # Else close(out, want, name) against the reference in the same dtypes: quantized outputs have no oracle.
+    close: Callable[[object, object, str], None] | None = None
+    # the input dtypes the op takes at all (the float side: int8_linear's activations are float32 only)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    # (clause, backend) -> why the op does not keep that clause yet there: a strict xfail
+    diverges: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -91,8 +115,8 @@ def _attention_strided(dtype: torch.dtype, device: str) -> Inputs:
 def _attention_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
     (q, k, v), _ = attention_inputs(1, 1, 19, 64, dtype, device)
     out, lse = getattr(torch.ops.vit_fast, f"attention_fwd_{backend}")(q.detach(), k.detach(), v.detach(), 0.25)
-    return [("fwd", (q, k, v, 0.25)),
-            ("bwd", (torch.randn_like(out), *leaves((q, k, v), grad=False), out, lse, 0.25))]
+    return [(f"attention_fwd_{backend}", (q, k, v, 0.25)),
+            (f"attention_bwd_{backend}", (torch.randn_like(out), *leaves((q, k, v), grad=False), out, lse, 0.25))]
 
 
 def _attention_bad() -> list:
@@ -144,7 +168,8 @@ def _layer_norm_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[t
     (x, w, b), _ = layer_norm_inputs((3, 11, 40), dtype, device=device)
     w, b = w.detach(), b.detach()
     _, mean, rstd = getattr(torch.ops.vit_fast, f"layer_norm_fwd_{backend}")(x.detach(), w, b, 1e-5)
-    return [("fwd", (x, w, b, 1e-5)), ("bwd", (torch.randn_like(x), x.detach(), w, mean, rstd))]
+    return [(f"layer_norm_fwd_{backend}", (x, w, b, 1e-5)),
+            (f"layer_norm_bwd_{backend}", (torch.randn_like(x), x.detach(), w, mean, rstd))]
 
 
 def _layer_norm_bad() -> list:
@@ -196,12 +221,12 @@ def _mlp_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[st
     for residual in (False, True):  # save_pre follows residual: one case each way keeps the interpreter time down
         (x, *params), kw = layernorm_mlp_inputs((2, 5, 16), 32, dtype, c_out=8, residual=residual, device=device)
         res = kw["residual"]
-        cases.append(("fwd", (x, *params, res, 1e-6, residual)))
+        cases.append((f"layernorm_mlp_fwd_{backend}", (x, *params, res, 1e-6, residual)))
         detached = leaves([x, *params], grad=False)
         out, mean, rstd, pre = fwd(*detached, None if res is None else res.detach(), 1e-6, True)
         dout = torch.randn_like(out)
         for flags in [(True, True, True), (False, True, False)] if residual else [(False, False, True)]:
-            cases.append(("bwd", (dout, *detached[:6], mean, rstd, pre, *flags)))
+            cases.append((f"layernorm_mlp_bwd_{backend}", (dout, *detached[:6], mean, rstd, pre, *flags)))
     return cases
 
 
@@ -289,10 +314,10 @@ def _patch_opcheck(backend: str, dtype: torch.dtype, device: str) -> list[tuple[
         (images, weight, b), kw = patch_embed_inputs(2, 3, 8, 12, 4, 16, cls=cls, pos=pos, bias=bias, dtype=dtype,
                                                      device=device)
         args = (images, weight, b, kw["cls_token"], kw["pos_embed"])
-        cases.append(("fwd", args))
+        cases.append((f"patch_embed_fwd_{backend}", args))
         detached = leaves(args, grad=False)
         out = fwd(*detached)
-        cases += [("bwd", (torch.randn_like(out), *detached, *flags))
+        cases += [(f"patch_embed_bwd_{backend}", (torch.randn_like(out), *detached, *flags))
                   for flags in ((True, True), (False, True), (True, False))]
     return cases
 
@@ -346,7 +371,240 @@ PATCH_EMBED = Case(
     bad=_patch_bad,
 )
 
-CASES = {"attention": ATTENTION, "layer_norm": LAYER_NORM, "layernorm_mlp": LAYERNORM_MLP, "patch_embed": PATCH_EMBED}
+# ---- the quantized-inference ops: forward only ---------------------------------------------------------------------
+
+_INFERENCE_ONLY = "no backward: inference-only op"
+
+
+def _tensor_close(out: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Same op, same dtypes, other strides or another trace: the reference's result to rounding."""
+    assert out.dtype == want.dtype, f"{name}: dtype {out.dtype}, the reference's {want.dtype}"
+    torch.testing.assert_close(out, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def _fp8_rows_close(out: tuple, want: tuple, name: str) -> None:
+    """(q, scale) against the reference's: the scales to fp32 rounding, q * scale within one e4m3 step at the
+    row's largest magnitude (2^-3 of it: a rounding tie may go the other way in a kernel), NaNs where the
+    reference has them."""
+    (q, scale), (wq, wscale) = out, want
+    assert (q.dtype, scale.dtype) == (wq.dtype, wscale.dtype), f"{name}: dtypes {q.dtype}, {scale.dtype}"
+    torch.testing.assert_close(scale, wscale, rtol=1e-5, atol=1e-12, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    deq, wdeq = q.float() * scale[:, None], wq.float() * wscale[:, None]
+    assert torch.equal(deq.isnan(), wdeq.isnan()), f"{name}: NaNs where the reference has none (or none where)"
+    step = wdeq.abs().nan_to_num().amax(dim=1, keepdim=True) * 2**-3 + 1e-6
+    assert ((deq - wdeq).abs().nan_to_num() <= step).all(), f"{name}: q * scale off the reference by over a step"
+
+
+def _nan_row(name: str, row: int, col: int) -> Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor]]:
+    """A NaN in row ``row`` of x: that row's scale is NaN (the row's amax is) and so is its whole e4m3 row
+    (x / NaN): the masks of (q, scale)."""
+
+    def poison(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = args[0]
+        x[row, col] = float("nan")
+        rows = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        rows[row] = True
+        return rows[:, None], rows
+
+    return poison
+
+
+def _fp8_opcheck(custom: str, make: Callable[[torch.dtype, str], Inputs]) -> Callable:
+    """The one custom op of a forward-only kernel, on the case's inputs (its keywords are the schema's last)."""
+
+    def cases(backend: str, dtype: torch.dtype, device: str) -> list[tuple[str, tuple]]:
+        args, kwargs = make(dtype, device)
+        return [(f"{custom}_{backend}", (*args, *kwargs.values()))]
+
+    return cases
+
+
+def _column_slice(t: torch.Tensor, start: int = 5, extra: int = 13) -> torch.Tensor:
+    """``t`` (M, C) as columns of a wider buffer: rows C + extra apart, unit column stride."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + extra, dtype=t.dtype, device=t.device)
+    wide[:, start:start + t.shape[1]] = t
+    return wide[:, start:start + t.shape[1]]
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with column-major memory: no unit column stride."""
+    return t.t().contiguous().t()
+
+
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+def _rows_bad(*extra: torch.Tensor) -> list:
+    x = torch.randn(4, 8)
+    return [
+        (([1.0], *extra), {}, TypeError, "x must be a torch.Tensor"),
+        ((x.long(), *extra), {}, TypeError, "x must be a floating-point"),
+        ((x[0], *extra), {}, ValueError, "x must be 2-D"),
+        ((x[None], *extra), {}, ValueError, "x must be 2-D"),
+    ]
+
+
+_QR_SMALL = (lambda dt, dev: quantize_rows_inputs((7, 48), dt, device=dev, gelu=True))
+# The Triton kernel's row max and tl.maximum are IEEE maxNum (NaN-dropping) on the GPU and in the interpreter.
+_FP8_NAN = ("the Triton kernel drops NaN in the row max and tl.maximum (maxNum): a NaN row leaves with a finite "
+            "scale and finite e4m3 values instead of NaN (kernels/quantize_rows.py, kernels/layer_norm.py QUANT_FP8)")
+
+QUANTIZE_ROWS = Case(
+    small=_QR_SMALL,
+    empty=(lambda dt, dev: quantize_rows_inputs((0, 16), dt, device=dev, gelu=True),),
+    strided=(lambda dt, dev: ((_column_slice(_QR_SMALL(dt, dev)[0][0]),), {"gelu": False}),
+             lambda dt, dev: ((_transposed(_QR_SMALL(dt, dev)[0][0]),), {"gelu": True})),
+    deterministic=_QR_SMALL,
+    nan=(("x", _nan_row("x", 2, 5)),),
+    requested=(),
+    opcheck=_fp8_opcheck("quantize_rows", _QR_SMALL),
+    bad=_rows_bad,
+    no_backward=_INFERENCE_ONLY,
+    close=_fp8_rows_close,
+    diverges={("nan", "triton"): _FP8_NAN},
+)
+
+
+_LNF_SMALL = (lambda dt, dev: layer_norm_fp8_inputs((7, 48), dt, device=dev, eps=1e-6))
+
+
+def _layer_norm_fp8_strided(dtype: torch.dtype, device: str) -> Inputs:
+    (x, w, b), kw = _LNF_SMALL(dtype, device)
+    return (_column_slice(x), _every_other(w), b), kw
+
+
+def _layer_norm_fp8_bad() -> list:
+    x, w = torch.randn(4, 8), torch.randn(8)
+    return [
+        *_rows_bad(w, w),
+        ((x, w[None], w), {}, ValueError, "weight must be 1-D"),
+        ((x, torch.randn(7), w), {}, ValueError, "weight must have shape"),
+        ((x, w, torch.randn(9)), {}, ValueError, "bias must have shape"),
+        ((x, w, w.int()), {}, TypeError, "bias must be a floating-point"),
+        ((x, w.to("meta"), w), {}, ValueError, "one device"),
+        ((x, w, w), {"eps": 0.0}, ValueError, "eps must be positive"),
+    ]
+
+
+LAYER_NORM_FP8 = Case(
+    small=_LNF_SMALL,
+    empty=(lambda dt, dev: layer_norm_fp8_inputs((0, 16), dt, device=dev, eps=1e-6),),
+    strided=(_layer_norm_fp8_strided,
+             lambda dt, dev: ((_transposed(_LNF_SMALL(dt, dev)[0][0]), *_LNF_SMALL(dt, dev)[0][1:]), {"eps": 1e-6})),
+    deterministic=_LNF_SMALL,
+    nan=(("x", _nan_row("x", 3, 0)),),
+    requested=(),
+    opcheck=_fp8_opcheck("layer_norm_fp8", _LNF_SMALL),
+    bad=_layer_norm_fp8_bad,
+    no_backward=_INFERENCE_ONLY,
+    close=_fp8_rows_close,
+    diverges={("nan", "triton"): _FP8_NAN},
+)
+
+
+_SL_SMALL = (lambda dt, dev: scaled_linear_inputs(5, 32, 16, dt, device=dev))
+
+
+def _scaled_linear_nan(where: str) -> Callable[[tuple, dict], torch.Tensor]:
+    """x_q[2, k] NaN -> output row 2; weight_scale[3] NaN -> output column 3 (every row's dot with it)."""
+
+    def poison(args: tuple, kwargs: dict) -> torch.Tensor:
+        x_q, _, weight_q, weight_scale, _ = args
+        mask = torch.zeros(x_q.shape[0], weight_q.shape[0], dtype=torch.bool, device=x_q.device)
+        if where == "x_q":
+            x_q[2, 7] = float("nan")
+            mask[2] = True
+        else:
+            weight_scale[3] = float("nan")
+            mask[:, 3] = True
+        return mask
+
+    return poison
+
+
+def _scaled_linear_strided(dtype: torch.dtype, device: str) -> Inputs:
+    """x_q rows apart in a wider buffer, weight_q column-major, both scales every other element."""
+    (x_q, x_scale, weight_q, weight_scale, bias), kw = _SL_SMALL(dtype, device)
+    return (_column_slice(x_q), _every_other(x_scale), _transposed(weight_q), _every_other(weight_scale), bias), kw
+
+
+def _scaled_linear_bad() -> list:
+    good, kw = scaled_linear_inputs(3, 16, 16, device="cpu")
+    x_q, x_scale, w_q, w_scale, b = good
+    table = [
+        (0, [1.0], TypeError, "x_q must be a torch.Tensor"),
+        (0, x_q.float(), TypeError, "x_q must be float8_e4m3fn"),
+        (0, x_q[0], ValueError, "x_q must be 2-D"),
+        (1, x_scale[:-1], ValueError, "x_scale must have shape"),
+        (1, x_scale.double(), TypeError, "x_scale must be float32"),
+        (2, w_q.view(torch.int8), TypeError, "weight_q must be a floating-point"),
+        (2, w_q[:, :8], ValueError, "weight_q must have shape"),
+        (3, w_scale[:-1], ValueError, "weight_scale must have shape"),
+        (3, w_scale.half(), TypeError, "weight_scale must be float32"),
+        (4, b[:-1], ValueError, "bias must have shape"),
+        (4, b.long(), TypeError, "bias must be a floating-point"),
+        (4, b.to("meta"), ValueError, "one device.*bias on meta"),
+    ]
+    return [((*good[:i], bad, *good[i + 1:]), kw, err, m) for i, bad, err, m in table]
+
+
+SCALED_LINEAR = Case(
+    small=_SL_SMALL,
+    empty=(lambda dt, dev: scaled_linear_inputs(0, 32, 16, dt, device=dev),),
+    strided=(_scaled_linear_strided,),
+    deterministic=_SL_SMALL,
+    nan=tuple((w, _scaled_linear_nan(w)) for w in ("x_q", "weight_scale")),
+    requested=(),
+    opcheck=None,
+    bad=_scaled_linear_bad,
+    no_backward=_INFERENCE_ONLY,
+    close=_tensor_close,  # float64 is out_dtype (and the bias): the reference's _scaled_mm runs it
+)
+
+
+_I8_SMALL = (lambda dt, dev: int8_linear_inputs(5, 32, 16, dt))
+
+
+def _int8_linear_bad() -> list:
+    (x, packed), kw = int8_linear_inputs(3, 16, 8)
+    return [
+        (([1.0], packed), kw, TypeError, "x must be a torch.Tensor"),
+        ((x.long(), packed), kw, TypeError, "x must be a floating-point"),
+        ((x[0], packed), kw, ValueError, "x must be 2-D"),
+        ((x.double(), packed), kw, TypeError, "x must be float32 on CPU"),
+        ((x.to("meta"), packed), kw, TypeError, "x must be float32 on CPU"),
+        ((x, "packed"), kw, TypeError, "packed must be"),
+    ]
+
+
+INT8_LINEAR = Case(
+    small=_I8_SMALL,
+    empty=(lambda dt, dev: int8_linear_inputs(0, 32, 16, dt),),
+    strided=(lambda dt, dev: ((_column_slice(_I8_SMALL(dt, dev)[0][0]), *_I8_SMALL(dt, dev)[0][1:]),
+                              _I8_SMALL(dt, dev)[1]),
+             lambda dt, dev: ((_transposed(_I8_SMALL(dt, dev)[0][0]), *_I8_SMALL(dt, dev)[0][1:]),
+                              _I8_SMALL(dt, dev)[1])),
+    deterministic=_I8_SMALL,
+    nan=(("x", lambda args, kwargs: _nan_row("x", 2, 3)(args, kwargs)[0]),),
+    requested=(),
+    opcheck=None,
+    bad=_int8_linear_bad,
+    no_backward=_INFERENCE_ONLY,
+    float64_raises=(TypeError, "x must be float32 on CPU"),  # fbgemm's dynamic Linear takes float32 only
+    close=_tensor_close,
+    dtypes=(torch.float32,),
+    diverges={
+        ("nan", "reference"): "fbgemm's dynamic quantization reads a NaN activation as a finite int8 value: the "
+                              "row comes out finite (and wrong); other rows are unaffected",
+        ("compile", "reference"): "Dynamo cannot put the prepacked weight (a torchbind ScriptObject) in a graph: "
+                                  "'Failed to convert args/kwargs to proxy'",
+    },
+)
+
+CASES = {"attention": ATTENTION, "layer_norm": LAYER_NORM, "layernorm_mlp": LAYERNORM_MLP, "patch_embed": PATCH_EMBED,
+         "quantize_rows": QUANTIZE_ROWS, "layer_norm_fp8": LAYER_NORM_FP8, "scaled_linear": SCALED_LINEAR,
+         "int8_linear": INT8_LINEAR}
 OPS = list(CASES)
 BACKENDS = backend_params("reference", "triton", "cuda")
 KERNELS = backend_params(*KERNEL_BACKENDS)
@@ -360,11 +618,43 @@ def _dtype_for(op: str, backend: str, prefer: tuple[torch.dtype, ...] = _FIRST) 
     interpreter no bf16)."""
     if backend not in backends.implemented(op):
         pytest.skip(f"{op} has no {backend} implementation")
-    for dtype in prefer:
+    taken = [d for d in prefer if d in CASES[op].dtypes]
+    if not taken:
+        pytest.skip(f"{op} takes none of {prefer} (only {CASES[op].dtypes})")
+    for dtype in taken:
         args, kwargs = CASES[op].small(dtype, DEVICE)
         if not backends.reasons(backend, op, args, kwargs):
             return dtype
-    pytest.skip(f"{backend} runs none of {prefer} for {op} here: {backends.reasons(backend, op, args, kwargs)}")
+    pytest.skip(f"{backend} runs none of {taken} for {op} here: {backends.reasons(backend, op, args, kwargs)}")
+
+
+def _outs(out: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+    """An op's outputs as a tuple: the fp8 producers return (q, scale)."""
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t  # no torch.equal on fp8
+
+
+def _equal(a: torch.Tensor | tuple, b: torch.Tensor | tuple) -> bool:
+    return all(torch.equal(_bits(x), _bits(y)) for x, y in zip(_outs(a), _outs(b), strict=True))
+
+
+def _contiguous(inputs: Inputs) -> Inputs:
+    return tree_map_only(torch.Tensor, lambda t: t.contiguous(), inputs)
+
+
+def _no_backward(op: str) -> None:
+    if CASES[op].no_backward is not None:
+        pytest.skip(CASES[op].no_backward)
+
+
+def _diverges(request: pytest.FixtureRequest, op: str, clause: str, backend: str) -> None:
+    """A strict xfail where the case records that ``op`` does not keep ``clause`` in ``backend`` yet."""
+    why = CASES[op].diverges.get((clause, backend))
+    if why is not None:
+        request.applymarker(pytest.mark.xfail(reason=why, strict=True))
 
 
 def _odd_douts(shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -385,15 +675,19 @@ def test_every_declared_op_has_a_contract_case():
 @pytest.mark.parametrize("op", OPS)
 def test_empty_input_returns_empty_without_a_launch(op, backend):
     dtype = torch.float32 if backend in ("auto", "reference") else _dtype_for(op, backend)
+    backward = CASES[op].no_backward is None
     for make in CASES[op].empty:
         args, kwargs = make(dtype, DEVICE)
         with launches() as rec:
             out = run(op, backend, args, kwargs)
-            out.sum().backward()
+            if backward:
+                out.sum().backward()
         want = reference(op)(*args, **kwargs)
-        assert out.shape == want.shape and out.dtype == want.dtype and out.numel() == 0
-        for name, t in named_inputs(op, args, kwargs).items():
-            assert t.grad is not None and t.grad.shape == t.shape, name
+        for o, w in zip(_outs(out), _outs(want), strict=True):
+            assert o.shape == w.shape and o.dtype == w.dtype and o.numel() == 0
+        if backward:
+            for name, t in named_inputs(op, args, kwargs).items():
+                assert t.grad is not None and t.grad.shape == t.shape, name
         assert not [r for r in rec if r.backend in KERNEL_BACKENDS], rec
 
 
@@ -403,10 +697,17 @@ def test_empty_input_returns_empty_without_a_launch(op, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_float64_raises_when_chosen_and_auto_uses_the_reference(op, backend):
+    """Or, where the op takes no float64 at all (its case's ``float64_raises``), every backend raises that
+    before dispatch."""
     args, kwargs = CASES[op].small(torch.float64, DEVICE)
+    if CASES[op].float64_raises is not None:
+        err, match = CASES[op].float64_raises
+        with pytest.raises(err, match=match):
+            run(op, backend, args, kwargs)
+        return
     want = reference(op)(*args, **kwargs)
     if backend == "reference":
-        assert torch.equal(run(op, "reference", args, kwargs), want)
+        assert _equal(run(op, "reference", args, kwargs), want)
         return
     if backend not in backends.implemented(op):
         pytest.skip(f"{op} has no {backend} implementation")
@@ -415,7 +716,7 @@ def test_float64_raises_when_chosen_and_auto_uses_the_reference(op, backend):
         run(op, backend, args, kwargs)
     with launches() as rec:
         out = run(op, "auto", args, kwargs)
-    assert torch.equal(out, want)
+    assert _equal(out, want)
     assert [(r.op, r.backend) for r in rec] == [(op, "reference")]
 
 
@@ -428,9 +729,9 @@ _GRAD_SAFE_UTILS = ("test_schema", "test_autograd_registration", "test_faketenso
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_custom_ops(op, backend):
     dtype = _dtype_for(op, backend)
-    for part, args in CASES[op].opcheck(backend, dtype, DEVICE):
-        custom = getattr(torch.ops.vit_fast, f"{op}_{part}_{backend}").default
-        if part == "fwd" and dtype != torch.float32:
+    for name, args in CASES[op].opcheck(backend, dtype, DEVICE):
+        custom = getattr(torch.ops.vit_fast, name).default
+        if f"{op}_bwd_" not in name and dtype != torch.float32:
             # aot_dispatch compares gradients across two traced runs at fp32 tolerances: half-precision
             # gradients are checked through autograd's registration here and numerically by check_oracle
             torch.library.opcheck(custom, args, test_utils=_GRAD_SAFE_UTILS)
@@ -444,16 +745,28 @@ def test_opcheck_custom_ops(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_compile_fullgraph_forward_and_backward(op, backend):
+def test_compile_fullgraph_forward_and_backward(op, backend, request):
+    """Forward only for the inference-only ops."""
     dtype = _dtype_for(op, backend)
+    _diverges(request, op, "compile", backend)
     args, kwargs = CASES[op].small(dtype, DEVICE)
     fn = public(op)
 
     def f(*a, **k):
-        return fn(*a, **k) * 2
+        out = fn(*a, **k)
+        # e4m3 has no arithmetic: (q, scale) go on through the graph as float
+        return out * 2 if isinstance(out, torch.Tensor) else tuple(t.float() * 2 for t in out)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    if CASES[op].no_backward is not None:
+        with vit_fast.set_backend(backend), launches() as rec:
+            out = compiled(*args, **kwargs)
+            eager = f(*args, **kwargs)
+        for i, (o, e) in enumerate(zip(_outs(out), _outs(eager), strict=True)):
+            _tensor_close(o, e, f"out {i}")
+        assert backend == "reference" or count(rec, backend, "fwd", op) >= 1, rec
+        return
     inputs = named_inputs(op, args, kwargs)
     with vit_fast.set_backend(backend):
         with launches() as rec:
@@ -475,6 +788,7 @@ def test_compile_fullgraph_forward_and_backward(op, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_backward_is_deterministic(op, backend):
+    _no_backward(op)
     if backend == "reference" and DEVICE == "cuda":
         pytest.skip("the reference on a GPU runs PyTorch's CUDA kernels (flash SDPA, cuDNN): not deterministic")
     dtype = _dtype_for(op, backend, prefer=(torch.float16, torch.bfloat16, torch.float32))
@@ -494,6 +808,7 @@ def test_backward_is_deterministic(op, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_only_requested_gradients(op, backend):
+    _no_backward(op)
     dtype = _dtype_for(op, backend)
     for trainable, backward_runs in CASES[op].requested:
         args, kwargs = CASES[op].small(dtype, DEVICE)
@@ -509,19 +824,29 @@ def test_only_requested_gradients(op, backend):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_nan_in_an_input_row_gives_nan_in_that_output_row(op, backend):
+def test_nan_in_an_input_row_gives_nan_in_that_output_row(op, backend, request):
     """As the formula does, in every backend; nothing else turns NaN (PyTorch's CPU flash SDPA returns finite
-    values for such rows, its math path NaN: the reference must follow the formula)."""
+    values for such rows, its math path NaN: the reference must follow the formula). The quantizing ops: a NaN
+    row's scale is NaN, and so is its whole e4m3 row; their oracle is the reference itself."""
     dtype = _dtype_for(op, backend)
-    for where, poison in CASES[op].nan:
-        args, kwargs = leaves(CASES[op].small(dtype, DEVICE), grad=False)
-        expected = poison(args, kwargs)
+    _diverges(request, op, "nan", backend)
+    case = CASES[op]
+    for where, poison in case.nan:
+        args, kwargs = leaves(case.small(dtype, DEVICE), grad=False)
+        expected = _outs(poison(args, kwargs))
         out = run(op, backend, args, kwargs)
-        oracle = reference(op)(*leaves(args, torch.float64), **leaves(kwargs, torch.float64), upcast=True)
+        if case.close is None:
+            oracle = reference(op)(*leaves(args, torch.float64), **leaves(kwargs, torch.float64), upcast=True)
+        else:
+            oracle = reference(op)(*args, **kwargs)
         for name, t in (("oracle", oracle), (backend, out)):
-            got = torch.isnan(t)
-            assert torch.equal(got, expected.expand_as(got)), f"{name}, NaN in {where}: {int(got.sum())} NaNs"
-        assert_close(out, reference(op)(*args, **kwargs), oracle, name=f"out (NaN in {where})")
+            for i, (o, e) in enumerate(zip(_outs(t), expected, strict=True)):
+                got = torch.isnan(o.float())
+                assert torch.equal(got, e.expand_as(got)), f"{name} out {i}, NaN in {where}: {int(got.sum())} NaNs"
+        if case.close is None:
+            assert_close(out, reference(op)(*args, **kwargs), oracle, name=f"out (NaN in {where})")
+        else:
+            case.close(out, oracle, f"out (NaN in {where})")
 
 
 # ---- 8. bad inputs -----------------------------------------------------------------------------------------------
@@ -552,6 +877,14 @@ def test_any_strides_in_inputs_and_output_gradients(op, backend, half):
     """In the first dtype the backend runs (fp32 for the reference and Triton) and, under -m slow, in half
     precision."""
     dtype = _dtype_for(op, backend, prefer=(torch.float16, torch.bfloat16) if half else _FIRST)
+    if CASES[op].close is not None:  # forward only: the same result as on contiguous copies, from this backend
+        for make in CASES[op].strided:
+            args, kwargs = make(dtype, DEVICE)
+            with launches() as rec:
+                out = run(op, backend, args, kwargs)
+            CASES[op].close(out, reference(op)(*_contiguous((args, kwargs))[0], **kwargs), "out")
+            assert count(rec, backend, "fwd", op) >= 1, rec
+        return
     first, *others = CASES[op].strided
     args, kwargs = first(dtype, DEVICE)
     out, _ = check_oracle(op, backend, args, kwargs)

@@ -14,6 +14,10 @@ import vit_fast
 from vit_fast import backends, ops
 from vit_fast.backends import BackendUnavailableError
 
+# The ops the model calls; the registry also holds the quantized-inference ops, which quantized models call.
+MODEL_OPS = {"attention", "layer_norm", "layernorm_mlp", "patch_embed"}
+QUANTIZED_OPS = {"quantize_rows", "layer_norm_fp8", "scaled_linear", "int8_linear"}
+
 
 def _qkv(dtype=torch.float32):
     return [torch.randn(1, 2, 5, 16, dtype=dtype) for _ in range(3)]
@@ -99,13 +103,21 @@ def test_reasons_lists_every_reason_not_only_the_first():
 
 
 def test_registry_is_public_data():
-    assert set(backends.ops()) == {"attention", "layer_norm", "layernorm_mlp", "patch_embed"}
+    assert set(backends.ops()) == MODEL_OPS | QUANTIZED_OPS
     for op in backends.ops():
         assert backends.implemented(op)[0] == "reference"
         assert backends.limits(op, "reference") is None
         if "triton" in backends.implemented(op):
             lim = backends.limits(op, "triton")
             assert torch.float64 not in lim.dtypes and not lim.dropout
+
+
+@pytest.mark.subprocess
+def test_every_op_is_declared_at_import():
+    """Known at import, whatever the process does later: a fresh interpreter sees every op after import alone."""
+    code = "import vit_fast; from vit_fast import backends; print(' '.join(backends.ops()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert set(out.stdout.split()) == set(backends.ops()) == MODEL_OPS | QUANTIZED_OPS
 
 
 def test_explain_covers_every_op_and_backend():
@@ -138,7 +150,7 @@ def test_explain_a_model_on_its_images_per_layer_and_op():
     layers = {r["where"].split(": ")[0] for r in ex.rows}
     assert {"patch_embed", "blocks.0-1.attn"} <= layers, layers  # layers that picked alike share a row group
     assert set(ex.picked.values()) == {"reference"}
-    assert {r["op"] for r in ex.rows} == set(backends.ops())
+    assert {r["op"] for r in ex.rows} == MODEL_OPS
     for r in ex.rows:
         assert r["available"] == (not r["reasons"])
         if r["backend"] == "cuda":

@@ -45,10 +45,8 @@ class UnsupportedFormatError(RuntimeError):
 
 
 def _q():
-    """The quantized ops, declared on first use (so an unquantized process keeps the four model ops)."""
-    from vit_fast.ops import scaled_linear
-
-    return scaled_linear
+    """The quantized ops' module (declared at import by ``vit_fast.ops``, like the model's ops)."""
+    return ops.scaled_linear
 
 
 def supported_formats(device: torch.device | str) -> dict[str, str | None]:

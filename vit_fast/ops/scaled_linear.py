@@ -9,8 +9,8 @@ that produce its e4m3 input, and the CPU int8 GEMM.
 - ``quantize_rows``: dynamic per-row e4m3 quantization, optionally of ``gelu(x)`` (Triton: one pass).
 - ``int8_linear``: PyTorch's dynamic int8 Linear (fbgemm / x86 engine) on prepacked per-channel int8 weights.
 
-These ops are inference only (no autograd) and are declared when this module is first imported, which
-``vit_fast.quantize`` does when a model is quantized: a model that is never quantized keeps the four model ops.
+These ops are inference only (no autograd). ``vit_fast.ops`` imports this module, so they are declared at
+import with the model's four ops: the dispatcher's registry does not change when a model is first quantized.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.
         y = (x_q.float() * x_scale[:, None]) @ (weight_q.float() * weight_scale[:, None]).t()
         return (y if bias is None else y + bias.float()).to(out_dtype)
     # Row-wise scaling: (M, 1) for the activations, (1, N) for the weights; mat2 is column-major (w_q^T).
-    return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.view(-1, 1), scale_b=weight_scale.view(1, -1),
+    # _scaled_mm takes contiguous scales only: a strided (M,) view is copied, a contiguous one is not.
+    return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.contiguous().view(-1, 1),
+                            scale_b=weight_scale.contiguous().view(1, -1),
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
 
 
@@ -189,6 +191,9 @@ def layer_norm_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     _rows("x", x)
     _checks.shape("weight", _checks.tensor("weight", weight, ndim=1), (x.shape[1],), "(the last dimension of x)")
     _checks.shape("bias", _checks.tensor("bias", bias, ndim=1), (x.shape[1],), "(the last dimension of x)")
+    _checks.same_device(x=x, weight=weight, bias=bias)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive; got {eps!r}")
     return backends.dispatch("layer_norm_fp8", x, weight, bias, eps=eps)
 
 
@@ -205,12 +210,17 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tens
     Returns:
         (M, N) in ``out_dtype``.
     """
-    if x_q.dtype != FP8 or weight_q.dtype != FP8:
-        raise TypeError(f"x_q and weight_q must be float8_e4m3fn; got {x_q.dtype} and {weight_q.dtype}")
-    m, k = x_q.shape
+    for name, t, dtype in (("x_q", x_q, FP8), ("weight_q", weight_q, FP8), ("x_scale", x_scale, torch.float32),
+                           ("weight_scale", weight_scale, torch.float32)):
+        if _checks.tensor(name, t).dtype != dtype:  # _scaled_mm's row-wise scaling takes exactly these
+            raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')}; got {_checks.describe(t)}")
+    m, k = _checks.tensor("x_q", x_q, ndim=2).shape
     _checks.shape("weight_q", weight_q, (None, k), "(N, K): nn.Linear layout with K = x_q's columns")
     _checks.shape("x_scale", x_scale, (m,), "(M,): one scale per row of x_q")
     _checks.shape("weight_scale", weight_scale, (weight_q.shape[0],), "(N,): one scale per output channel")
+    if _checks.optional("bias", bias) is not None:
+        _checks.shape("bias", bias, (weight_q.shape[0],), "(N,): one per output channel")
+    _checks.same_device(x_q=x_q, x_scale=x_scale, weight_q=weight_q, weight_scale=weight_scale, bias=bias)
     return backends.dispatch("scaled_linear", x_q, x_scale, weight_q, weight_scale, bias, out_dtype=out_dtype)
 
 
@@ -225,8 +235,12 @@ def int8_linear(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch
     Returns:
         (M, N) float32.
     """
+    _checks.tensor("x", x, ndim=2)
     if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise TypeError(f"int8_linear runs float32 activations on CPU; got {_checks.describe(x)}")
+        raise TypeError(f"x must be float32 on CPU (int8_linear runs fbgemm's float32-activation kernels); "
+                        f"got {_checks.describe(x)}")
+    if not isinstance(packed, torch.ScriptObject):
+        raise TypeError(f"packed must be torch.ops.quantized.linear_prepack's result; got {type(packed).__name__}")
     return backends.dispatch("int8_linear", x, packed, reduce_range=reduce_range)
 
 
