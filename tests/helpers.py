@@ -249,3 +249,28 @@ def check_oracle(op: str, backend: str, args: tuple, kwargs: dict, *, dout: torc
         ran = count(rec, backend, "bwd", op)
         assert ran >= 1 if bwd_launch else ran == 0, f"{backend}'s backward of {op} ran {ran} times: {rec}"
     return out, got
+
+
+def autocast_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, backend: str) -> list[float]:
+    """The losses of ``steps`` AdamW steps of ``model`` under bf16 autocast on ``backend``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    with vit_fast.set_backend(backend):
+        for _ in range(steps):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+def assert_nested_close(a, b, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """``a`` and ``b`` (tensors, or lists/tuples of them, nested) are equal within the tolerances."""
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_nested_close(x, y, atol, rtol)
+    else:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

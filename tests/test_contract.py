@@ -450,19 +450,19 @@ _QR_SMALL = (lambda dt, dev: quantize_rows_inputs((7, 48), dt, device=dev, gelu=
 _FP8_NAN = ("the Triton kernel drops NaN in the row max and tl.maximum (maxNum): a NaN row leaves with a finite "
             "scale and finite e4m3 values instead of NaN (kernels/quantize_rows.py, kernels/layer_norm.py QUANT_FP8)")
 
-QUANTIZE_ROWS = Case(
-    small=_QR_SMALL,
-    empty=(lambda dt, dev: quantize_rows_inputs((0, 16), dt, device=dev, gelu=True),),
-    strided=(lambda dt, dev: ((_column_slice(_QR_SMALL(dt, dev)[0][0]),), {"gelu": False}),
-             lambda dt, dev: ((_transposed(_QR_SMALL(dt, dev)[0][0]),), {"gelu": True})),
-    deterministic=_QR_SMALL,
-    nan=(("x", _nan_row("x", 2, 5)),),
-    requested=(),
-    opcheck=_fp8_opcheck("quantize_rows", _QR_SMALL),
-    bad=_rows_bad,
-    no_backward=_INFERENCE_ONLY,
-    close=_fp8_rows_close,
-    diverges={("nan", "triton"): _FP8_NAN},
+def _fp8_rows_case(op: str, small, empty, strided, nan_row: tuple[int, int], bad) -> Case:
+    """An inference-only op writing e4m3 rows and their scales (what the fp8 Triton kernels share)."""
+    return Case(small=small, empty=empty, strided=strided, deterministic=small, nan=(("x", _nan_row("x", *nan_row)),),
+                requested=(), opcheck=_fp8_opcheck(op, small), bad=bad, no_backward=_INFERENCE_ONLY,
+                close=_fp8_rows_close, diverges={("nan", "triton"): _FP8_NAN})
+
+
+QUANTIZE_ROWS = _fp8_rows_case(
+    "quantize_rows", _QR_SMALL,
+    (lambda dt, dev: quantize_rows_inputs((0, 16), dt, device=dev, gelu=True),),
+    (lambda dt, dev: ((_column_slice(_QR_SMALL(dt, dev)[0][0]),), {"gelu": False}),
+     lambda dt, dev: ((_transposed(_QR_SMALL(dt, dev)[0][0]),), {"gelu": True})),
+    (2, 5), _rows_bad,
 )
 
 
@@ -475,31 +475,17 @@ def _layer_norm_fp8_strided(dtype: torch.dtype, device: str) -> Inputs:
 
 
 def _layer_norm_fp8_bad() -> list:
-    x, w = torch.randn(4, 8), torch.randn(8)
-    return [
-        *_rows_bad(w, w),
-        ((x, w[None], w), {}, ValueError, "weight must be 1-D"),
-        ((x, torch.randn(7), w), {}, ValueError, "weight must have shape"),
-        ((x, w, torch.randn(9)), {}, ValueError, "bias must have shape"),
-        ((x, w, w.int()), {}, TypeError, "bias must be a floating-point"),
-        ((x, w.to("meta"), w), {}, ValueError, "one device"),
-        ((x, w, w), {"eps": 0.0}, ValueError, "eps must be positive"),
-    ]
+    """layer_norm's cases (the same argument checks) plus the row checks of the fp8 kernels."""
+    w = torch.randn(8)
+    return [*_rows_bad(w, w), *_layer_norm_bad()[3:]]
 
 
-LAYER_NORM_FP8 = Case(
-    small=_LNF_SMALL,
-    empty=(lambda dt, dev: layer_norm_fp8_inputs((0, 16), dt, device=dev, eps=1e-6),),
-    strided=(_layer_norm_fp8_strided,
-             lambda dt, dev: ((_transposed(_LNF_SMALL(dt, dev)[0][0]), *_LNF_SMALL(dt, dev)[0][1:]), {"eps": 1e-6})),
-    deterministic=_LNF_SMALL,
-    nan=(("x", _nan_row("x", 3, 0)),),
-    requested=(),
-    opcheck=_fp8_opcheck("layer_norm_fp8", _LNF_SMALL),
-    bad=_layer_norm_fp8_bad,
-    no_backward=_INFERENCE_ONLY,
-    close=_fp8_rows_close,
-    diverges={("nan", "triton"): _FP8_NAN},
+LAYER_NORM_FP8 = _fp8_rows_case(
+    "layer_norm_fp8", _LNF_SMALL,
+    (lambda dt, dev: layer_norm_fp8_inputs((0, 16), dt, device=dev, eps=1e-6),),
+    (_layer_norm_fp8_strided,
+     lambda dt, dev: ((_transposed(_LNF_SMALL(dt, dev)[0][0]), *_LNF_SMALL(dt, dev)[0][1:]), {"eps": 1e-6})),
+    (3, 0), _layer_norm_fp8_bad,
 )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_oracle, leaves
+from helpers import autocast_losses, check_oracle, leaves
 
 import vit_fast
 from vit_fast import backends
@@ -520,16 +520,7 @@ def test_training_steps_under_autocast():
     m = vit_fast.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10).cuda()
     x = torch.randn(8, 3, 64, 64, device="cuda")
     y = torch.randint(0, 10, (8,), device="cuda")
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    losses = []
-    with vit_fast.set_backend("cuda"):
-        for _ in range(6):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    losses = autocast_losses(m, x, y, 6, "cuda")
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     # The first step's gradients point where the reference backend's do.

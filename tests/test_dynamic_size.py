@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_nested_close
 
 import vit_fast
 from vit_fast import pos_embed as pe_mod
@@ -38,13 +39,6 @@ def _pair(pad: bool = False, **kw):
     return t, m.eval()
 
 
-def _close(a, b):
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _close(x, y)
-    else:
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _table(m, hw):
@@ -81,11 +75,11 @@ def test_outputs_equal_timm_at_other_sizes(layout):
     for hw in [(32, 32), (48, 64), (80, 16), (16, 16)]:
         x = torch.randn(2, 3, *hw)
         with torch.no_grad():
-            _close(m(x), t(x))
-            _close(m.forward_features(x), t.forward_features(x))
+            assert_nested_close(m(x), t(x))
+            assert_nested_close(m.forward_features(x), t.forward_features(x))
             for fmt in ("NCHW", "NLC"):
                 kw = dict(indices=[0, 1], output_fmt=fmt, return_prefix_tokens=bool(n))
-                _close(m.forward_intermediates(x, **kw), t.forward_intermediates(x, **kw))
+                assert_nested_close(m.forward_intermediates(x, **kw), t.forward_intermediates(x, **kw))
 
 
 @pytest.mark.parametrize("layout", ["class", "registers_no_embed_class"])
@@ -95,14 +89,14 @@ def test_padding_equals_timm_and_zero_padded_images(layout):
         x = torch.randn(2, 3, *hw)
         with torch.no_grad():
             out = m(x)
-            _close(out, t(x))
+            assert_nested_close(out, t(x))
             grid = (-(-hw[0] // 16), -(-hw[1] // 16))
             padded = torch.zeros(2, 3, grid[0] * 16, grid[1] * 16)
             padded[..., : hw[0], : hw[1]] = x  # right/bottom zeros, as timm pads
-            _close(out, m(padded))
+            assert_nested_close(out, m(padded))
             feats = m.forward_intermediates(x, indices=1, intermediates_only=True)
             assert feats[0].shape == (2, 192, *grid)
-            _close(feats, t.forward_intermediates(x, indices=1, intermediates_only=True))
+            assert_nested_close(feats, t.forward_intermediates(x, indices=1, intermediates_only=True))
 
 
 def test_padded_dynamic_model_takes_an_image_size_the_patches_do_not_divide():
@@ -112,7 +106,7 @@ def test_padded_dynamic_model_takes_an_image_size_the_patches_do_not_divide():
     assert m.config.grid_size == (2, 2) and m.config.dynamic_img_pad and m.config.dynamic_img_size
     x = torch.randn(1, 3, 40, 40)  # padded to 48: a 3x3 grid resampled from pos_embed's 2x2
     with torch.no_grad():
-        _close(m(x), t(x))
+        assert_nested_close(m(x), t(x))
 
 
 def test_sizes_the_patches_do_not_divide_raise_without_padding():
@@ -171,11 +165,11 @@ def test_cache_is_dropped_after_an_optimizer_step_and_gradients_reach_pos_embed(
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         stale = _table(m, (48, 64))
-    _close(m(x), t(x))
+    assert_nested_close(m(x), t(x))
     m(x).square().mean().backward()
     t(x).square().mean().backward()
     assert m.pos_embed.grad is not None and m.pos_embed.grad.abs().sum() > 0
-    _close(m.pos_embed.grad, t.pos_embed.grad)
+    assert_nested_close(m.pos_embed.grad, t.pos_embed.grad)
     with torch.enable_grad():
         live = _table(m, (48, 64))
     assert live.requires_grad and live is not stale  # training: no cache, the table carries gradients
@@ -254,7 +248,7 @@ def test_fx_symbolic_trace_runs_any_size():
     with torch.no_grad():
         for hw in [(32, 32), (48, 64), (33, 20)]:
             x = torch.randn(2, 3, *hw)
-            _close(gm(x), m(x))
+            assert_nested_close(gm(x), m(x))
 
 
 def test_torch_compile_fullgraph_at_a_fixed_size_skips_the_cache():
@@ -265,4 +259,4 @@ def test_torch_compile_fullgraph_at_a_fixed_size_skips_the_cache():
     with torch.no_grad():
         out = compiled(x)
         assert cached_grids(m.pos_embed) == []  # the table was computed inside the graph
-        _close(out, m(x))
+        assert_nested_close(out, m(x))

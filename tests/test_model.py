@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import timm
 import torch
+from helpers import autocast_losses
 
 import vit_fast
 from vit_fast import ops
@@ -250,17 +251,7 @@ def test_autocast_bf16_training_loss_curve_matches_the_reference(backend):
     for name in ("reference", backend):
         torch.manual_seed(0)
         m = vit_fast.create_model("vit_small_patch16_224", img_size=64, depth=4, num_classes=10).cuda()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        losses = []
-        with vit_fast.set_backend(name):
-            for _ in range(8):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = torch.nn.functional.cross_entropy(m(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-        curves[name] = losses
+        curves[name] = autocast_losses(m, x, y, 8, name)
     ref, got = torch.tensor(curves["reference"]), torch.tensor(curves[backend])
     assert torch.isfinite(got).all() and got[-1] < got[0], curves
     assert ((got - ref).abs() <= 0.05 * ref.abs() + 0.02).all(), curves

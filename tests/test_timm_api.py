@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_nested_close
 
 import vit_fast
 from vit_fast.config import PRESETS
@@ -28,13 +29,6 @@ def _pair(name="vit_tiny_patch16_224", **kw):
     return t, vit_fast.from_timm(t).eval()
 
 
-def _close(a, b):
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _close(x, y)
-    else:
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---- pretrained configs and tags ------------------------------------------------------------------------------
@@ -111,7 +105,7 @@ def test_pretrained_loads_like_timm_through_timm_hub_loader(monkeypatch, tmp_pat
     assert requested == [f"timm/{name}"] * 2
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        _close(m(x), t(x))
+        assert_nested_close(m(x), t(x))
 
 
 def test_device_dtype_and_unknown_arguments():
@@ -161,7 +155,7 @@ def test_forward_intermediates_equal_timm(kw, arch):
     if isinstance(ours, dict):
         assert ours.keys() == theirs.keys()
         ours, theirs = list(ours.values()), list(theirs.values())
-    _close(ours, theirs)
+    assert_nested_close(ours, theirs)
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -180,7 +174,7 @@ def test_features_only_equals_timm(norm):
     assert "num_classes" not in m.pretrained_cfg and m.pretrained_cfg["input_size"] == (3, 224, 224)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        _close(m(x), t(x))
+        assert_nested_close(m(x), t(x))
 
 
 def test_prune_intermediate_layers_equals_timm():
@@ -189,8 +183,8 @@ def test_prune_intermediate_layers_equals_timm():
     assert len(m.blocks) == 2 and m.config.depth == 2 and not m.config.final_norm and m.num_classes == 0
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        _close(m(x), t(x))
-        _close(m.forward_intermediates(x, indices=[1]), t.forward_intermediates(x, indices=[1]))
+        assert_nested_close(m(x), t(x))
+        assert_nested_close(m.forward_intermediates(x, indices=[1]), t.forward_intermediates(x, indices=[1]))
 
 
 # ---- FX, export ------------------------------------------------------------------------------------------------
@@ -207,9 +201,9 @@ def test_fx_symbolic_trace_and_feature_extractor_equal_eager():
     fe = create_feature_extractor(m, return_nodes={"blocks.1": "mid", "head": "logits"})
     with torch.no_grad():
         out = fe(x)
-        _close(gm(x), m(x))
-        _close(out["logits"], m(x))
-        _close(out["mid"], m.blocks[:2](m._embed(x)))
+        assert_nested_close(gm(x), m(x))
+        assert_nested_close(out["logits"], m(x))
+        assert_nested_close(out["mid"], m.blocks[:2](m._embed(x)))
     with pytest.raises(ValueError, match="32x32"):
         gm(torch.randn(1, 3, 48, 48))  # the image-size check survives tracing
 
@@ -219,7 +213,7 @@ def test_torch_export_equals_eager():
     x = torch.randn(2, 3, 32, 32)
     ep = torch.export.export(m, (x,))
     with torch.no_grad():
-        _close(ep.module()(x), m(x))
+        assert_nested_close(ep.module()(x), m(x))
 
 
 # ---- head, pooling, input size ---------------------------------------------------------------------------------
@@ -239,7 +233,7 @@ def test_reset_classifier_keeps_mode_device_dtype_and_changes_pooling_as_timm():
         m.reset_classifier(0, pool)
         assert m.global_pool == m.config.global_pool == pool and not m.config.use_fc_norm
         with torch.no_grad():
-            _close(m(x), t(x))
+            assert_nested_close(m(x), t(x))
     with pytest.raises(ValueError, match="token"):
         vit_fast.create_model("vit_tiny_patch16_224", **SMALL, class_token=False, global_pool="avg").reset_classifier(
             0, "token")
@@ -253,8 +247,8 @@ def test_set_input_size_resamples_in_place_as_timm():
     assert not m.pos_embed.requires_grad and m.config.grid_size == (6, 8) and m.patch_embed.img_size == (48, 64)
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
-        _close(m.pos_embed, t.pos_embed)
-        _close(m(x), t(x))
+        assert_nested_close(m.pos_embed, t.pos_embed)
+        assert_nested_close(m(x), t(x))
     with pytest.raises(ValueError, match="patch size"):
         m.set_input_size(patch_size=4)
 
@@ -276,9 +270,9 @@ def test_vit_options_equal_timm_and_their_checkpoints_load_unchanged(kw):
     m.load_state_dict(t.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        _close(m(x), t(x))
-        _close(converted(x), t(x))
-        _close(m.forward_head(m.forward_features(x), pre_logits=True),
+        assert_nested_close(m(x), t(x))
+        assert_nested_close(converted(x), t(x))
+        assert_nested_close(m.forward_head(m.forward_features(x), pre_logits=True),
                t.forward_head(t.forward_features(x), pre_logits=True))
 
 
@@ -288,4 +282,4 @@ def test_checkpoint_of_other_grid_resamples_with_no_embed_class():
     ref = copy.deepcopy(t)
     ref.set_input_size(img_size=48)
     vit_fast.load_checkpoint(m, t.state_dict())
-    _close(m.pos_embed, ref.pos_embed)
+    assert_nested_close(m.pos_embed, ref.pos_embed)
