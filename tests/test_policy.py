@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vit_fast
-from vit_fast import backends, ops, policy
+from vit_fast import backends, explanation, ops, policy
 from vit_fast.backends import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +251,8 @@ def test_on_cpu_auto_runs_the_reference_even_where_a_policy_ranks_a_kernel(monke
 def test_explain_names_the_policy_in_force_and_the_measured_speedups():
     _write(_user_file(), _doc())
     p = _pick()
-    rows = backends._rows_for("attention", "attention", p.reasons, p.backend, CUDA0, p)
-    text = str(backends.Explanation(f"title; {policy.describe(CUDA0)}", rows))
+    rows = explanation._rows_for("attention", "attention", p.reasons, p.backend, CUDA0, p)
+    text = str(explanation.Explanation(f"title; {policy.describe(CUDA0)}", rows))
     assert str(_user_file()) in text and "measured 2026-01-01 on NVIDIA H200 (sm 9.0)" in text
     triton_line = next(ln for ln in text.splitlines()[2:] if " triton " in ln)
     assert "1.31x" in triton_line and "<- picked" in triton_line

@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 from vit_fast import ops  # noqa: E402
 from vit_fast.attn_maps import attention_maps  # noqa: E402
-from vit_fast.backends import BackendUnavailableError, explain, get_backend, set_backend  # noqa: E402
+from vit_fast.backends import BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from vit_fast.config import ViTConfig, list_models  # noqa: E402
+from vit_fast.explanation import explain  # noqa: E402
 from vit_fast.factory import create_model, from_timm  # noqa: E402
 from vit_fast.inference import optimize_for_inference  # noqa: E402
 from vit_fast.model import VisionTransformer  # noqa: E402

@@ -67,8 +67,8 @@ COMMANDS = (
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from vit_fast import backends
     from vit_fast.envinfo import environment
+    from vit_fast.explanation import explain
 
     env = environment()
     print(f"vit_fast {env['vit_fast']}  (git {env['git_commit'] or 'unknown'})")
@@ -82,7 +82,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("  (no CUDA device visible: the triton and cuda backends need one; CPU runs use the reference)")
     print()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    print(backends.explain(args.device, dtype))
+    print(explain(args.device, dtype))
     return 0
 
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import vit_fast
-from vit_fast import backends
 from vit_fast.bench.cases import dtype_name, patch_size, seed
 from vit_fast.bench.measure import Budget, check_and_time, compiled, derive, new_row
 from vit_fast.bench.providers import Provider, backend_providers, compile_skip
 from vit_fast.bench.timing import Timer
 from vit_fast.config import ViTConfig, get_config
+from vit_fast.explanation import explain
 
 MODEL_MODES: tuple[str, ...] = ("inference", "train")
 CHECK_PARAMS = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight")
@@ -136,7 +136,7 @@ def model_providers(device: torch.device, dtype: torch.dtype, *, quick: bool, al
     """vit_fast per backend, ``auto`` when it mixes backends, vit_fast compiled, timm eager and compiled."""
     out = backend_providers(_ours, device)
     with vit_fast.set_backend("auto"):
-        picked = set(backends.explain(device, dtype).picked.values())
+        picked = set(explain(device, dtype).picked.values())
     same = f"auto picks {next(iter(picked))} for every op: the same as vit_fast:{next(iter(picked))}"
     out.append(Provider("vit_fast:auto", "vit_fast", _ours, lambda: vit_fast.set_backend("auto"),
                         skip=same if len(picked) == 1 else None))
