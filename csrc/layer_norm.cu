@@ -19,6 +19,8 @@
 
 namespace vit_fast {
 
+// Only a floor: a GPU newer than the built SASS runs the PTX that setup.py embeds for the newest listed arch
+// ("9.0+PTX"), which the driver JIT-compiles at first load.
 void check_device_arch(const at::Device& device) {
   static int major[64] = {};
   const int dev = device.index();

@@ -20,12 +20,10 @@ Grids are one-dimensional, program id -> (b * H + h, block index), so any B * H 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty
+from vit_fast.kernels import SMEM_WITHOUT_DEVICE, empty, interpreting, launch, on_inputs_device, smem_limit
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a jit function reads no plain globals
 
@@ -253,9 +251,9 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 # Shared memory a config needs: the streamed tiles (two per step) for each pipeline stage plus the resident tiles,
-# each BLOCK x BLOCK_D x itemsize. The budget fits sm80 and later data-center parts without asking the device which
-# one it is; a config that still does not fit elsewhere fails to compile and the autotuner skips it.
-_SMEM_BUDGET = 160 * 1024
+# each BLOCK x BLOCK_D x itemsize (q, k, v and dout share one dtype: the op checks it). The budget is the device's
+# own opt-in limit, read at the first launch on it.
+_SMEM_BUDGET = SMEM_WITHOUT_DEVICE  # the budget for tensors on no CUDA device (tests/test_attention.py reads it)
 
 
 def _prune(streamed: str, resident: str, resident_tiles: int):
@@ -266,11 +264,12 @@ def _prune(streamed: str, resident: str, resident_tiles: int):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         n, block_d, itemsize = args["N"], triton.next_power_of_2(args["HEAD_DIM"]), args["Q"].element_size()
+        budget = smem_limit(args["Q"].device)
         kept = []
         for c in configs:
             bs, br = c.kwargs[streamed], c.kwargs[resident]
             smem = (2 * bs * c.num_stages + resident_tiles * br) * block_d * itemsize
-            if smem <= _SMEM_BUDGET and not (br > 64 and n <= 64):
+            if smem <= budget and not (br > 64 and n <= 64):
                 kept.append(c)
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
@@ -309,18 +308,11 @@ _attention_bwd_dq_tuned = triton.autotune(
 )(_attention_bwd_dq_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _launch(kernel, tuned, grid_block: str, bh: int, n: int, *args, **kwargs) -> None:
-    """Launch ``tuned`` (autotuned) on a GPU, ``kernel`` with the fixed small config under the interpreter.
-    The grid is one program per (b * H + h, block of ``grid_block`` rows)."""
-    if _interpreting():
-        num = triton.cdiv(n, _INTERPRET_CONFIG[grid_block])
-        kernel[(bh * num,)](*args, **kwargs, **_INTERPRET_CONFIG)
-    else:
-        tuned[lambda meta: (bh * triton.cdiv(n, meta[grid_block]),)](*args, **kwargs)
+def _launch(tuned, grid_block: str, bh: int, n: int, *args, **kwargs) -> None:
+    """Launch ``tuned`` (autotuned, or its first fitting config when not autotuning), or the small fixed config
+    under the interpreter. The grid is one program per (b * H + h, block of ``grid_block`` rows)."""
+    fixed = triton.Config(_INTERPRET_CONFIG) if interpreting() else None
+    launch(tuned, lambda meta: (bh * triton.cdiv(n, meta[grid_block]),), args, kwargs, fixed=fixed)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -331,6 +323,7 @@ def _bhnd_view_of_bnhd(b: int, h: int, n: int, d: int, *, dtype: torch.dtype, de
     return empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)  # (B, H, N, D) over (B, N, H, D)
 
 
+@on_inputs_device
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale) v for (B, H, N, D) q, k, v of one dtype (any strides, 16 <= D <= 128).
 
@@ -341,7 +334,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
     lse = empty((B, H, N), dtype=torch.float32, device=q.device)
     _launch(
-        _attention_fwd_kernel, _attention_fwd_tuned, "BLOCK_M", B * H, N,
+        _attention_fwd_tuned, "BLOCK_M", B * H, N,
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N, scale * LOG2E,
@@ -350,6 +343,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out, lse
 
 
+@on_inputs_device
 def attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -376,13 +370,13 @@ def attention_bwd(
     dv = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
     common = {"INPUT_PRECISION": _precision(q.dtype), "HEAD_DIM": D, "BLOCK_D": block_d}
     _launch(
-        _attention_bwd_dkdv_kernel, _attention_bwd_dkdv_tuned, "BLOCK_N", B * H, N,
+        _attention_bwd_dkdv_tuned, "BLOCK_N", B * H, N,
         q, k, v, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, scale, scale * LOG2E, **common,
     )  # fmt: skip
     _launch(
-        _attention_bwd_dq_kernel, _attention_bwd_dq_tuned, "BLOCK_M", B * H, N,
+        _attention_bwd_dq_tuned, "BLOCK_M", B * H, N,
         q, k, v, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, N, scale, scale * LOG2E, **common,

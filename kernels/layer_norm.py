@@ -2,7 +2,8 @@
 
 Rows live in registers: one program normalizes a block of BLOCK_M rows of width C (padded to BLOCK_C, the
 next power of two, by masking). Rows are addressed through the input's row stride, so a (M, C) view with a
-unit column stride is read in place. The forward saves the fp32 mean and rstd per row.
+unit column stride is read in place. The forward saves the fp32 mean and rstd per row; its ``QUANT_FP8``
+variant (:func:`layer_norm_fwd_fp8`) writes e4m3 plus one fp32 scale per row instead: an FP8 GEMM's input.
 
 The backward computes dx and, in the same pass, per-program partial sums of dweight and dbias over a group of
 rows, written to row ``pid`` of (G, C) fp32 buffers; the launcher sums those over G. No atomics: the result is
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty
+from vit_fast.kernels import empty, interpreting, launch, on_inputs_device
+from vit_fast.kernels.quantize_rows import e4m3_round
 
 MAX_C = 16384  # widest row kept in registers
 _MAX_GROUPS = 512  # backward: programs (partial-sum rows) at most
@@ -29,7 +31,7 @@ def _configs() -> list[triton.Config]:
 
 def _pruner(max_tile: int):
     """Keep row blocks of at least 1024 elements (or 16 rows) and at most ``max_tile`` (or one row), with warps
-    giving about 8 elements per thread; under the interpreter keep the single largest block (no timing)."""
+    giving about 8 elements per thread."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         block_c = kwargs["BLOCK_C"]
@@ -42,12 +44,21 @@ def _pruner(max_tile: int):
             target = min(max(triton.next_power_of_2(tile) // 256, 1), 16)
             if target // 2 <= nw <= target * 2:
                 kept.append(cfg)
-        if triton.knobs.runtime.interpret:
-            biggest = max(c.kwargs["BLOCK_M"] for c in kept)
-            return [next(c for c in kept if c.kwargs["BLOCK_M"] == biggest)]
         return kept
 
     return prune
+
+
+def _largest_block(tuned):
+    """The fixed config (no autotuning: the interpreter, VIT_FAST_AUTOTUNE=0): the largest row block the pruning
+    keeps, the first of its warp counts; under the interpreter the fewest programs run fastest."""
+
+    def fixed(args: tuple, kwargs: dict) -> triton.Config:
+        kept = tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, args, strict=False)), **kwargs)
+        biggest = max(c.kwargs["BLOCK_M"] for c in kept)
+        return next(c for c in kept if c.kwargs["BLOCK_M"] == biggest)
+
+    return fixed
 
 
 @triton.autotune(configs=_configs(), key=["C"], prune_configs_by={"early_config_prune": _pruner(16384)})
@@ -65,6 +76,9 @@ def _layer_norm_fwd_kernel(
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    scale_ptr=None,  # (M,) fp32, with QUANT_FP8
+    QUANT_FP8: tl.constexpr = False,
+    ROUND_E4M3: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -81,6 +95,12 @@ def _layer_norm_fwd_kernel(
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    if QUANT_FP8:  # y leaves as the next GEMM's e4m3 input with one fp32 scale per row: no quantize pass re-reads it
+        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-12) / 448.0
+        y = tl.clamp(y / scale[:, None], -448.0, 448.0)
+        if ROUND_E4M3:
+            y = e4m3_round(y)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
     tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -139,6 +159,7 @@ def _layer_norm_bwd_kernel(
     tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
 
 
+@on_inputs_device
 def layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,12 +180,38 @@ def layer_norm_fwd(
     if m == 0:
         return y, mean, rstd
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _layer_norm_fwd_kernel[grid](
-        x, weight, bias, y, mean, rstd, x.stride(0), m, c, eps, BLOCK_C=triton.next_power_of_2(c)
-    )
+    launch(_layer_norm_fwd_kernel, grid, (x, weight, bias, y, mean, rstd, x.stride(0), m, c, eps),
+           {"BLOCK_C": triton.next_power_of_2(c)}, fixed=_largest_block(_layer_norm_fwd_kernel))
     return y, mean, rstd
 
 
+@on_inputs_device
+def layer_norm_fwd_fp8(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of the rows of ``x``, written as e4m3 with a per-row scale (the input of an FP8 GEMM).
+
+    Args:
+        x, weight, bias: as :func:`layer_norm_fwd`.
+
+    Returns:
+        q (M, C) float8_e4m3fn contiguous and scale (M,) float32, with ``q * scale[:, None]`` ~= the LayerNorm.
+    """
+    m, c = x.shape
+    assert c <= MAX_C and (c == 1 or x.stride(1) == 1), "x must be (M, C) with unit column stride"
+    q = empty((m, c), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    stats = torch.empty((2, m), dtype=torch.float32, device=x.device)  # mean and rstd: written, not needed
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+    launch(_layer_norm_fwd_kernel, grid, (x, weight, bias, q, stats[0], stats[1], x.stride(0), m, c, eps),
+           {"BLOCK_C": triton.next_power_of_2(c), "scale_ptr": scale, "QUANT_FP8": True,
+            "ROUND_E4M3": interpreting()}, fixed=_largest_block(_layer_norm_fwd_kernel))
+    return q, scale
+
+
+@on_inputs_device
 def layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,20 +235,8 @@ def layer_norm_bwd(
     groups = triton.cdiv(m, rows_per_program)
     dweight_partial = empty((groups, c), dtype=torch.float32, device=x.device)
     dbias_partial = empty((groups, c), dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(groups,)](
-        dy,
-        x,
-        weight,
-        mean,
-        rstd,
-        dx,
-        dweight_partial,
-        dbias_partial,
-        dy.stride(0),
-        x.stride(0),
-        m,
-        c,
-        rows_per_program,
-        BLOCK_C=triton.next_power_of_2(c),
-    )
+    args = (dy, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, dy.stride(0), x.stride(0), m, c,
+            rows_per_program)
+    launch(_layer_norm_bwd_kernel, (groups,), args, {"BLOCK_C": triton.next_power_of_2(c)},
+           fixed=_largest_block(_layer_norm_bwd_kernel))
     return dx, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(weight.dtype)

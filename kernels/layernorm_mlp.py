@@ -27,12 +27,10 @@ forward writes the activation once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty
+from vit_fast.kernels import empty, fp32_tf32, interpreting, launch, on_inputs_device, smem_limit
 
 # The GEMM kernel's epilogues.
 EPI_NONE = 0  # acc (+ bias) (+ residual)
@@ -68,7 +66,7 @@ def _layernorm_mlp_stats_kernel(
     tl.store(rstd_ptr + row, 1.0 / tl.sqrt(var + eps))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _layernorm_mlp_gemm_kernel(
     a_ptr,  # (M, K), any strides
     b_ptr,  # (N, K), any strides: C = A @ B^T
@@ -85,6 +83,7 @@ def _layernorm_mlp_gemm_kernel(
     M,
     N,
     K,
+    m_bucket,  # next power of two of M: the autotuning key (a new batch size reuses its bucket's config); unused
     stride_am,
     stride_ak,
     stride_bn,
@@ -241,16 +240,18 @@ _GEMM_CONFIGS = [
     _config(64, 64, 64, 4, 4),
     _config(64, 64, 32, 4, 5),
 ]
-_SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined A and B tiles may take (A100: 164 KiB)
 
 
 def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drop tiles far larger than the problem and pipelines that do not fit in shared memory."""
+    """Drop tiles far larger than the problem and pipelines whose A and B tiles (each in its own dtype: the
+    LayerNorm prologue loads an fp32 x next to bf16 weights) do not fit in the device's shared memory."""
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
     m, n = named_args["M"], named_args["N"]
-    elt = max(named_args["a_ptr"].element_size(), named_args["b_ptr"].element_size())
+    budget = smem_limit(a.device)
     fits = [
         c for c in configs
-        if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elt * c.num_stages <= _SMEM_BUDGET
+        if (c.kwargs["BLOCK_M"] * a.element_size() + c.kwargs["BLOCK_N"] * b.element_size()) * c.kwargs["BLOCK_K"]
+        * c.num_stages <= budget
     ]
     sized = [
         c for c in fits
@@ -262,16 +263,12 @@ def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs
 
 _layernorm_mlp_gemm_tuned = triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M", "N", "K", "LN_A", "EPILOGUE", "HAS_RESIDUAL", "STORE_AUX"],
+    key=["m_bucket", "N", "K", "LN_A", "EPILOGUE", "HAS_RESIDUAL", "STORE_AUX"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )(_layernorm_mlp_gemm_kernel)
 
 # One fixed small tile under the interpreter: autotuning there would time numpy.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -307,7 +304,7 @@ def _gemm(
     h_t = h if h is not None else dummy
     args = (
         a, b, c, bias if bias is not None else dummy, res, pre_t, h_t, dbias if dbias is not None else dummy,
-        mean, rstd, ln_w, ln_b, m, n, k,
+        mean, rstd, ln_w, ln_b, m, n, k, triton.next_power_of_2(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), res.stride(0), pre_t.stride(0),
         h_t.stride(0),
     )
@@ -320,21 +317,18 @@ def _gemm(
         "BIAS_GRAD": dbias is not None,
         "BIAS_GRAD_ROWS": BIAS_GRAD_ROWS,
         # fp32 inputs follow PyTorch's own switch, so fp32 results match torch.matmul's precision.
-        "FP32_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        "FP32_PRECISION": "tf32" if fp32_tf32("matmul") else "ieee",
     }
-    if _interpreting():
-        cfg = _INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _layernorm_mlp_gemm_kernel[grid](*args, **flags, **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _layernorm_mlp_gemm_tuned[grid](*args, **flags)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    fixed = triton.Config(_INTERPRETER_CONFIG) if interpreting() else None  # read at launch: tests patch it
+    launch(_layernorm_mlp_gemm_tuned, grid, args, flags, fixed=fixed)
 
 
 def _row_warps(block_c: int) -> int:
     return min(max(block_c // 256, 1), 8)
 
 
+@on_inputs_device
 def layernorm_mlp_fwd(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -376,6 +370,7 @@ def layernorm_mlp_fwd(
     return out, mean, rstd, pre
 
 
+@on_inputs_device
 def layernorm_mlp_bwd(
     dout: torch.Tensor,
     x: torch.Tensor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty
+from vit_fast.kernels import empty, fp32_tf32, interpreting, launch, on_inputs_device, smem_limit
 
 _SPLIT_ROWS = 4096  # dweight: patch rows reduced by one program before the M reduction is split
 _MAX_SPLIT = 8
@@ -36,20 +36,33 @@ def _gemm_configs(m_name: str, n_name: str, k_name: str) -> list[triton.Config]:
     ]
 
 
-def _gemm_pruner(m_name: str, n_name: str, k_name: str, m_arg: str, n_arg: str, k_arg: str):
-    """Drop tiles much larger than the problem; under the interpreter keep one config (64, 64, 32: no timing)."""
+def _gemm_pruner(m_name: str, n_name: str, k_name: str, m_arg: str, n_arg: str, k_arg: str, a_arg: str, b_arg: str):
+    """Drop tiles much larger than the problem and pipelines whose (m x k) tile of ``a_arg`` and (k x n) tile of
+    ``b_arg``, each in its own dtype, do not fit in the device's shared memory."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if triton.knobs.runtime.interpret:
-            return [next(c for c in configs if (c.kwargs[m_name], c.kwargs[n_name], c.kwargs[k_name]) == (64, 64, 32))]
         size = {
             name: max(triton.next_power_of_2(named_args[arg]), 16)
             for name, arg in ((m_name, m_arg), (n_name, n_arg), (k_name, k_arg))
         }
-        kept = [c for c in configs if all(c.kwargs[name] <= max(size[name], 64) for name in size)]
-        return kept or configs[:1]
+        a, b = named_args[a_arg], named_args[b_arg]
+        budget = smem_limit(a.device)
+        fits = [
+            c for c in configs
+            if (c.kwargs[m_name] * a.element_size() + c.kwargs[n_name] * b.element_size()) * c.kwargs[k_name]
+            * c.num_stages <= budget
+        ]
+        kept = [c for c in fits if all(c.kwargs[name] <= max(size[name], 64) for name in size)]
+        return kept or fits[:1] or configs[:1]
 
     return prune
+
+
+def _interpreter_config(tuned, m_name: str, n_name: str, k_name: str) -> triton.Config | None:
+    """The fixed config under the interpreter (no timing there): the 64 x 64 x 32 tile; None elsewhere."""
+    if not interpreting():
+        return None
+    return next(c for c in tuned.configs if (c.kwargs[m_name], c.kwargs[n_name], c.kwargs[k_name]) == (64, 64, 32))
 
 
 @triton.jit
@@ -73,7 +86,9 @@ def _col_offsets(cols, stride_c, stride_h, stride_w, PH: tl.constexpr, PW: tl.co
 @triton.autotune(
     configs=_gemm_configs("BLOCK_M", "BLOCK_E", "BLOCK_K"),
     key=["E", "K"],
-    prune_configs_by={"early_config_prune": _gemm_pruner("BLOCK_M", "BLOCK_E", "BLOCK_K", "M", "E", "K")},
+    prune_configs_by={"early_config_prune": _gemm_pruner(
+        "BLOCK_M", "BLOCK_E", "BLOCK_K", "M", "E", "K", "images_ptr", "weight_ptr"
+    )},
 )
 @triton.jit
 def _patch_embed_fwd_kernel(
@@ -157,7 +172,9 @@ def _patch_embed_fwd_kernel(
 @triton.autotune(
     configs=_gemm_configs("BLOCK_E", "BLOCK_K", "BLOCK_M"),
     key=["E", "K"],
-    prune_configs_by={"early_config_prune": _gemm_pruner("BLOCK_E", "BLOCK_K", "BLOCK_M", "E", "K", "M")},
+    prune_configs_by={"early_config_prune": _gemm_pruner(
+        "BLOCK_E", "BLOCK_K", "BLOCK_M", "E", "K", "M", "grad_ptr", "images_ptr"
+    )},
 )
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
@@ -222,7 +239,9 @@ def _patch_embed_bwd_weight_kernel(
 @triton.autotune(
     configs=_gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_E"),
     key=["E", "K"],
-    prune_configs_by={"early_config_prune": _gemm_pruner("BLOCK_M", "BLOCK_K", "BLOCK_E", "M", "K", "E")},
+    prune_configs_by={"early_config_prune": _gemm_pruner(
+        "BLOCK_M", "BLOCK_K", "BLOCK_E", "M", "K", "E", "grad_ptr", "weight_ptr"
+    )},
 )
 @triton.jit
 def _patch_embed_bwd_images_kernel(
@@ -288,7 +307,7 @@ def _patch_embed_bwd_images_kernel(
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows the switch PyTorch's own convolutions obey, so the kernel matches F.conv2d's precision.
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and fp32_tf32("conv") else "ieee"
 
 
 def _grid_shape(images: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -299,6 +318,7 @@ def _grid_shape(images: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, i
     return bsz * gh * gw, gh * gw, gw, c * ph * pw, e
 
 
+@on_inputs_device
 def patch_embed_fwd(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -324,27 +344,17 @@ def patch_embed_fwd(
     if m == 0 or e == 0:
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(e, meta["BLOCK_E"]),)
-    _patch_embed_fwd_kernel[grid](
-        images,
-        weight,
-        bias if bias is not None else weight,
-        cls_token if has_cls else weight,
-        pos_embed if pos_embed is not None else weight,
-        out,
-        *images.stride(),
-        m,
-        e,
-        k,
-        n,
-        gw,
-        PH=weight.shape[2],
-        PW=weight.shape[3],
-        HAS_BIAS=bias is not None,
-        HAS_CLS=int(has_cls),
-        HAS_POS=pos_embed is not None,
-        POS_SKIP=int(pos_embed is not None and pos_embed.shape[0] == n + 1),
-        DOT_PRECISION=_dot_precision(images.dtype),
+    args = (
+        images, weight, bias if bias is not None else weight, cls_token if has_cls else weight,
+        pos_embed if pos_embed is not None else weight, out, *images.stride(), m, e, k, n, gw,
     )
+    flags = {
+        "PH": weight.shape[2], "PW": weight.shape[3], "HAS_BIAS": bias is not None, "HAS_CLS": int(has_cls),
+        "HAS_POS": pos_embed is not None, "POS_SKIP": int(pos_embed is not None and pos_embed.shape[0] == n + 1),
+        "DOT_PRECISION": _dot_precision(images.dtype),
+    }
+    launch(_patch_embed_fwd_kernel, grid, args, flags,
+           fixed=_interpreter_config(_patch_embed_fwd_kernel, "BLOCK_M", "BLOCK_E", "BLOCK_K"))
     return out
 
 
@@ -358,23 +368,11 @@ def _bwd_weight(grad_out: torch.Tensor, images: torch.Tensor, weight_shape: torc
     splits = triton.cdiv(m, rows_per_split)
     partial = empty((splits, e, k), dtype=torch.float32, device=images.device)
     grid = lambda meta: (triton.cdiv(e, meta["BLOCK_E"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)
-    _patch_embed_bwd_weight_kernel[grid](
-        grad_out,
-        images,
-        partial,
-        *grad_out.stride(),
-        *images.stride(),
-        m,
-        e,
-        k,
-        n,
-        gw,
-        rows_per_split,
-        PH=weight_shape[2],
-        PW=weight_shape[3],
-        HAS_CLS=int(grad_out.shape[1] == n + 1),
-        DOT_PRECISION=_dot_precision(images.dtype),
-    )
+    args = (grad_out, images, partial, *grad_out.stride(), *images.stride(), m, e, k, n, gw, rows_per_split)
+    flags = {"PH": weight_shape[2], "PW": weight_shape[3], "HAS_CLS": int(grad_out.shape[1] == n + 1),
+             "DOT_PRECISION": _dot_precision(images.dtype)}
+    launch(_patch_embed_bwd_weight_kernel, grid, args, flags,
+           fixed=_interpreter_config(_patch_embed_bwd_weight_kernel, "BLOCK_E", "BLOCK_K", "BLOCK_M"))
     dweight = partial[0] if splits == 1 else partial.sum(0)
     return dweight.to(images.dtype).view(weight_shape)
 
@@ -386,25 +384,15 @@ def _bwd_images(grad_out: torch.Tensor, weight: torch.Tensor, images_shape: torc
     if m == 0:
         return dimages
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    _patch_embed_bwd_images_kernel[grid](
-        grad_out,
-        weight,
-        dimages,
-        *grad_out.stride(),
-        *dimages.stride(),
-        m,
-        e,
-        k,
-        n,
-        gw,
-        PH=weight.shape[2],
-        PW=weight.shape[3],
-        HAS_CLS=int(grad_out.shape[1] == n + 1),
-        DOT_PRECISION=_dot_precision(weight.dtype),
-    )
+    args = (grad_out, weight, dimages, *grad_out.stride(), *dimages.stride(), m, e, k, n, gw)
+    flags = {"PH": weight.shape[2], "PW": weight.shape[3], "HAS_CLS": int(grad_out.shape[1] == n + 1),
+             "DOT_PRECISION": _dot_precision(weight.dtype)}
+    launch(_patch_embed_bwd_images_kernel, grid, args, flags,
+           fixed=_interpreter_config(_patch_embed_bwd_images_kernel, "BLOCK_M", "BLOCK_K", "BLOCK_E"))
     return dimages
 
 
+@on_inputs_device
 def patch_embed_bwd(
     grad_out: torch.Tensor,
     images: torch.Tensor,
