@@ -337,6 +337,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   store_rows<T, D>(dvg, p.out_sn, k0 + warp * 16, p.N, dv, one, lane);
 }
 
+// The prologue repeats the dK/dV kernel's in shape (shared-memory carving, thread indices); the tiles differ.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   using S = Shape<D>;
@@ -568,6 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 }  // namespace
 }  // namespace vit_fast
 
+// Every op's .cu ends with this registration block, the form TORCH_LIBRARY_IMPL requires (same shape in each).
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
   m.impl("attention_fwd_cuda", &vit_fast::attention_fwd);
   m.impl("attention_bwd_cuda", &vit_fast::attention_bwd);

@@ -396,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
 
 }  // namespace vit_fast
 
+// Every op's .cu ends with this registration block, the form TORCH_LIBRARY_IMPL requires (same shape in each).
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
   m.impl("layer_norm_fwd_cuda", &vit_fast::layer_norm_fwd);
   m.impl("layer_norm_bwd_cuda", &vit_fast::layer_norm_bwd);

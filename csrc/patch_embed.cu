@@ -39,7 +39,8 @@ struct PatchGeometry {
   }
 };
 
-// GEMM source: the patch matrix gathered from the images.
+// GEMM source: the patch matrix gathered from the images. Same members and chunk() as gemm.cuh's RowMajor: the
+// interface every GEMM source implements.
 template <typename T>
 struct PatchRows {
   const T* ptr;

@@ -256,6 +256,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 #endif
 }
 
+// The .trans twin of ldmatrix_x4: PTX spells the transposed load as its own instruction.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
 #ifdef VF_OLD_ARCH
   __trap();

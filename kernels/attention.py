@@ -192,6 +192,9 @@ def _attention_bwd_dkdv_kernel(
     _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, stride_dvn, stride_dvd, mask_n, offs_d, mask_d)
 
 
+# The signature repeats the dK/dV kernel's: a Triton kernel takes each tensor as a pointer plus its strides. The
+# P and dP recompute repeats too: the backward is deterministic by design (no atomics), so each of the two
+# kernels recomputes the tile it reduces over (keys for dK/dV, queries for dQ).
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q,  # (B, H, N, D), any strides

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from vit_fast.kernels import empty, interpreting, launch, on_inputs_device
-from vit_fast.kernels.quantize_rows import e4m3_round
+from vit_fast.kernels.quantize_rows import e4m3_rows, fp8_rows_outputs
 
 MAX_C = 16384  # widest row kept in registers
 _MAX_GROUPS = 512  # backward: programs (partial-sum rows) at most
@@ -61,6 +61,23 @@ def _largest_block(tuned):
     return fixed
 
 
+@triton.jit
+def load_row_vector(ptr, C, BLOCK_C: tl.constexpr):
+    """(cols, cols < C, ptr[cols] in fp32, 0 past C): a (C,) LayerNorm parameter, as every row kernel loads it."""
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    return cols, mask, tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def layer_norm_dx(xhat, wdy, rstd, C, AXIS: tl.constexpr):
+    """dx of LayerNorm rows along ``AXIS`` from xhat, weight * dy and rstd (broadcastable to them): shared by
+    the row-block backward here and the one-row backward of kernels/layernorm_mlp.py."""
+    c1 = tl.sum(xhat * wdy, axis=AXIS, keep_dims=True) / C
+    c2 = tl.sum(wdy, axis=AXIS, keep_dims=True) / C
+    return (wdy - (xhat * c1 + c2)) * rstd
+
+
 @triton.autotune(configs=_configs(), key=["C"], prune_configs_by={"early_config_prune": _pruner(16384)})
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -96,11 +113,7 @@ def _layer_norm_fwd_kernel(
     b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
     if QUANT_FP8:  # y leaves as the next GEMM's e4m3 input with one fp32 scale per row: no quantize pass re-reads it
-        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-12) / 448.0
-        y = tl.clamp(y / scale[:, None], -448.0, 448.0)
-        if ROUND_E4M3:
-            y = e4m3_round(y)
-        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        y = e4m3_rows(y, mask, row_mask, scale_ptr, rows, ROUND_E4M3)
     tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -126,9 +139,7 @@ def _layer_norm_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    cols, col_mask, w = load_row_vector(weight_ptr, C, BLOCK_C)
     dweight_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
 
@@ -145,10 +156,7 @@ def _layer_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
 
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = w[None, :] * dy
-        c1 = tl.sum(xhat * wdy, axis=1) / C
-        c2 = tl.sum(wdy, axis=1) / C
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx = layer_norm_dx(xhat, w[None, :] * dy, rstd[:, None], C, 1)
         tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
         dweight_acc += tl.sum(dy * xhat, axis=0)
@@ -197,10 +205,8 @@ def layer_norm_fwd_fp8(
     Returns:
         q (M, C) float8_e4m3fn contiguous and scale (M,) float32, with ``q * scale[:, None]`` ~= the LayerNorm.
     """
+    q, scale = fp8_rows_outputs(x, MAX_C)
     m, c = x.shape
-    assert c <= MAX_C and (c == 1 or x.stride(1) == 1), "x must be (M, C) with unit column stride"
-    q = empty((m, c), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
     stats = torch.empty((2, m), dtype=torch.float32, device=x.device)  # mean and rstd: written, not needed

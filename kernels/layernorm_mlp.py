@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from vit_fast.kernels import empty, fp32_tf32, interpreting, launch, on_inputs_device, smem_limit
+from vit_fast.kernels.layer_norm import layer_norm_dx, load_row_vector
 
 # The GEMM kernel's epilogues.
 EPI_NONE = 0  # acc (+ bias) (+ residual)
@@ -195,9 +196,7 @@ def _layernorm_mlp_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    w = tl.load(ln_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    cols, mask, w = load_row_vector(ln_w_ptr, C, BLOCK_C)
     b = tl.load(ln_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -213,10 +212,7 @@ def _layernorm_mlp_bwd_kernel(
             tl.store(ln_out_ptr + row * C + cols, (xhat * w + b).to(ln_out_ptr.dtype.element_ty), mask=row_mask)
         if HAS_DY:
             dy = tl.load(dy_ptr + row * C + cols, mask=row_mask, other=0.0)
-            wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / C
-            c2 = tl.sum(wdy, axis=0) / C
-            dx = (wdy - (xhat * c1 + c2)) * rstd
+            dx = layer_norm_dx(xhat, w * dy, rstd, C, 0)
             tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
             dw_acc += dy * xhat
             db_acc += dy
@@ -370,6 +366,7 @@ def layernorm_mlp_fwd(
     return out, mean, rstd, pre
 
 
+# The parameters repeat layernorm_mlp_fwd's: the custom op's schema passes every tensor explicitly.
 @on_inputs_device
 def layernorm_mlp_bwd(
     dout: torch.Tensor,

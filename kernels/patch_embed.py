@@ -66,6 +66,15 @@ def _interpreter_config(tuned, m_name: str, n_name: str, k_name: str) -> triton.
 
 
 @triton.jit
+def _tile_of_program(N, BLOCK_N: tl.constexpr):
+    """Program id (axis 0) -> (row tile, column tile) of an output with N columns, column tiles varying fastest:
+    the grid order of every kernel here."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    return pid // num_n, pid % num_n
+
+
+@triton.jit
 def _row_offsets(rows, N, GW, stride_b, stride_h, stride_w, PH: tl.constexpr, PW: tl.constexpr):
     """Row part of the address of A[rows, :] in an NCHW tensor with the given strides (int64)."""
     b = rows // N
@@ -118,10 +127,8 @@ def _patch_embed_fwd_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_e = tl.cdiv(E, BLOCK_E)
-    pid_m = pid // num_e  # consecutive programs share a block of patches: A is read from memory once
-    pid_e = pid % num_e
+    # Consecutive programs share a block of patches: A is read from memory once.
+    pid_m, pid_e = _tile_of_program(E, BLOCK_E)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     row_mask = rows < M
@@ -202,11 +209,8 @@ def _patch_embed_bwd_weight_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_e = pid // num_k
-    pid_k = pid % num_k
+    pid_e, pid_k = _tile_of_program(K, BLOCK_K)
     cols_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     e_mask = cols_e < E
@@ -236,6 +240,7 @@ def _patch_embed_bwd_weight_kernel(
     tl.store(dweight_partial_ptr + out, acc, mask=e_mask[:, None] & k_mask[None, :])
 
 
+# Signatures and the gather/mask set-up repeat the other kernels': a Triton kernel takes each tensor's strides.
 @triton.autotune(
     configs=_gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_E"),
     key=["E", "K"],
@@ -268,10 +273,7 @@ def _patch_embed_bwd_images_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k
-    pid_k = pid % num_k
+    pid_m, pid_k = _tile_of_program(K, BLOCK_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < M

@@ -268,6 +268,7 @@ PATCH_SIZES = (2, 4, 7, 8, 14, 16)
 IMAGE_LAYOUTS = ("contiguous", "channels_last", "cropped", "channels_sliced")
 
 
+# Each op's case is a frozen dataclass of the sizes hypothesis draws: the cases share that form, not their fields.
 @dataclass(frozen=True)
 class PatchEmbedCase(Case):
     B: int = 1

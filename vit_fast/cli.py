@@ -1,6 +1,7 @@
 """The ``vit-fast`` command: one subcommand per job, each living in the module that does it.
 
-``info`` (versions, devices, backends), ``bench``, ``tune``, ``train``, ``predict``, ``report``, ``eval``.
+``info`` (versions, devices, backends), ``bench``, ``tune``, ``train``, ``predict``, ``report``, ``eval``,
+``kernels``.
 A subcommand's module is imported only when it runs or when its flags are listed, so ``vit-fast info`` needs
 none of the extras.
 """
@@ -63,6 +64,11 @@ COMMANDS = (
             "Top-1, top-5 and images/s of a `vit-fast train` run's model on its test split; with --quantize also "
             "of the model quantized to fp8 or int8, side by side.",
             (ValueError, FileNotFoundError, RuntimeError)),
+    Command(name="kernels", module="vit_fast.kernel_report", add_arguments="add_kernels_arguments", run="main",
+            help="registers, spills, shared memory and occupancy of every kernel variant (no GPU needed)",
+            description="Compile every Triton kernel variant the dispatcher can launch at ViT shapes for sm_80 or "
+            "sm_90 and read its registers, spills and shared memory from the cubin, and the vit_fast._C kernels' "
+            "when the extension is built; theoretical occupancy from the target's per-SM limits."),
 )
 
 

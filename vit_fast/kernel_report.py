@@ -1,0 +1,387 @@
+"""``vit-fast kernels``: registers, spills, shared memory and theoretical occupancy of every kernel variant.
+
+Every Triton kernel variant the dispatcher can launch at ViT shapes (each kernel x head dim or width x dtype x
+each tuning config its pruning keeps on the target) is compiled for sm_80 or sm_90 without a GPU
+(``triton.compile`` with a ``GPUTarget``), and its resources are read from the cubin with the ``cuobjdump``
+Triton ships. The ``vit_fast._C`` extension's CUDA kernels are read the same way from the built library, when
+it and a ``cuobjdump`` are present.
+
+Spills are counted as Triton counts them (local memory bytes per thread / 4): a Triton kernel uses local
+memory only for spills. Occupancy is the theoretical one: resident warps per SM over the SM's maximum, limited
+by registers, shared memory, warps and blocks per SM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+from unittest import mock
+
+# Per-SM limits of the targets (CUDA occupancy calculator values): shared memory per SM and the opt-in maximum
+# per block, both including the 1 KiB the driver reserves per block.
+LIMITS = {
+    "sm_80": {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 167936, "smem_block": 166912},
+    "sm_90": {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 233472, "smem_block": 232448},
+}
+_RESERVED_SMEM = 1024
+
+# ViT shapes the variants are sized for: ViT-B/16 at batch 64 (197 tokens), its widths and ViT-L's.
+_TOKENS = 197
+_ROWS = 64 * _TOKENS
+_HEAD_DIMS = (64, 80, 128)
+_WIDTHS = (768, 1024)
+_DTYPES = ("fp16", "bf16")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compilation: ``fn`` (a ``@triton.jit`` function) with ``consts`` baked in and ``types`` for the pointer
+    and float arguments (the rest are i32)."""
+
+    kernel: str
+    dtype: str
+    shape: str
+    config: str
+    fn: Any
+    consts: dict[str, Any]
+    types: dict[str, str]
+    options: dict[str, int]
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    dtype: str
+    shape: str
+    config: str
+    regs: int | None
+    spills: int | None
+    smem: int | None
+    occupancy: float | None
+    note: str = ""
+
+
+def occupancy(arch: str, regs: int, smem: int, warps: int) -> float:
+    """Theoretical occupancy (resident warps / max warps per SM) of a block of ``warps`` warps using ``regs``
+    registers per thread and ``smem`` bytes of shared memory on ``arch``; 0 when one block does not fit."""
+    lim = LIMITS[arch]
+    smem_block = smem + _RESERVED_SMEM
+    if smem_block > lim["smem_block"] or regs > 255:
+        return 0.0
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256 registers
+    by_regs = (lim["regs"] // regs_per_warp) // warps
+    by_smem = lim["smem_sm"] // (-(-smem_block // 128) * 128)
+    blocks = min(by_regs, by_smem, lim["warps"] // warps, lim["blocks"])
+    return blocks * warps / lim["warps"]
+
+
+def _config_label(kwargs: dict[str, Any], warps: int, stages: int | None) -> str:
+    blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{warps}" + (f" s{stages}" if stages is not None else "")
+
+
+def _meta(dtype: str) -> Any:
+    import torch
+
+    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    return torch.empty(0, device="meta", dtype=names[dtype])
+
+
+def _kept(tuned: Any, named: dict[str, Any], quick: bool, **kwargs: Any) -> list[Any]:
+    kept = tuned.early_config_prune(tuned.configs, named, **kwargs)
+    return kept[:1] if quick else kept
+
+
+def _tuned(kernel: str, dtype: str, shape: str, fn: Any, cfg: Any, consts: dict, types: dict) -> Variant:
+    return Variant(kernel, dtype, shape, _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages), fn,
+                   {**consts, **cfg.kwargs}, types, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def _attention(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import attention as a
+
+    for dt in _DTYPES:
+        types = dict.fromkeys(("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ"), f"*{dt}")
+        types.update({"LSE": "*fp32", "DELTA": "*fp32", "scale": "fp32", "qk_scale": "fp32"})
+        for d in _HEAD_DIMS:
+            consts = {"INPUT_PRECISION": "tf32", "HEAD_DIM": d, "BLOCK_D": 1 << (d - 1).bit_length()}
+            shape = f"D={d}"
+            for name, tuned in (("attention_fwd", a._attention_fwd_tuned),
+                                ("attention_bwd_dkdv", a._attention_bwd_dkdv_tuned),
+                                ("attention_bwd_dq", a._attention_bwd_dq_tuned)):
+                for cfg in _kept(tuned, {"N": _TOKENS, "Q": _meta(dt)}, quick, HEAD_DIM=d):
+                    yield _tuned(name, dt, shape, tuned.fn, cfg, consts, types)
+            pre = {"BLOCK_M": 64, "HEAD_DIM": d, "BLOCK_D": consts["BLOCK_D"]}  # the launcher's fixed block
+            yield Variant("attention_bwd_preprocess", dt, shape, "64 w4", a._attention_bwd_preprocess_kernel, pre,
+                          types, {"num_warps": 4})
+
+
+def _layer_norm(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import layer_norm as k
+
+    for dt in _DTYPES:
+        fp32 = dict.fromkeys(("mean_ptr", "rstd_ptr", "scale_ptr", "dweight_partial_ptr", "dbias_partial_ptr"),
+                             "*fp32")
+        base = {**dict.fromkeys(("x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "y_ptr", "dx_ptr"), f"*{dt}"), **fp32,
+                "eps": "fp32"}
+        for c in _WIDTHS:
+            block_c = 1 << (c - 1).bit_length()
+            for name, tuned, extra, types in (
+                ("layer_norm_fwd", k._layer_norm_fwd_kernel, {"QUANT_FP8": False, "ROUND_E4M3": False}, base),
+                ("layer_norm_fwd_fp8", k._layer_norm_fwd_kernel, {"QUANT_FP8": True, "ROUND_E4M3": False},
+                 {**base, "y_ptr": "*fp8e4nv"}),
+                ("layer_norm_bwd", k._layer_norm_bwd_kernel, {}, base),
+            ):
+                for cfg in _kept(tuned, {}, quick, BLOCK_C=block_c):
+                    yield _tuned(name, dt, f"C={c}", tuned.fn, cfg, {"BLOCK_C": block_c, **extra}, types)
+
+
+def _quantize_rows(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import quantize_rows as k
+
+    # The fc1 output (4C wide) goes through GELU first; a LayerNorm output or residual stream does not.
+    shapes = [(4 * c, True) for c in _WIDTHS] + [(c, False) for c in _WIDTHS]
+    for dt in _DTYPES:
+        types = {"x_ptr": f"*{dt}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+        for c, gelu in shapes[:1] if quick else shapes:
+            block_m, block_c, warps = k.launch_shape(c)
+            consts = {"GELU": gelu, "ROUND_E4M3": False, "BLOCK_M": block_m, "BLOCK_C": block_c}
+            yield Variant("quantize_rows" + ("_gelu" if gelu else ""), dt, f"C={c}", f"{block_m}x{block_c} w{warps}",
+                          k._quantize_rows_fwd_kernel, consts, types, {"num_warps": warps})
+
+
+def _layernorm_mlp(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import layernorm_mlp as k
+
+    tuned = k._layernorm_mlp_gemm_tuned
+    off = {"LN_A": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "EPILOGUE": k.EPI_NONE, "STORE_AUX": False,
+           "BIAS_GRAD": False, "BIAS_GRAD_ROWS": k.BIAS_GRAD_ROWS, "FP32_PRECISION": "ieee"}
+    for dt in _DTYPES:
+        c = _WIDTHS[0]
+        # (name, A dtype, C dtype, N, K, flags): every GEMM layernorm_mlp_fwd/_bwd launches.
+        gemms = [
+            ("mlp_fc1_ln_gelu_train", dt, dt, 4 * c, c,
+             {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU, "STORE_AUX": True}),
+            ("mlp_fc1_ln_gelu", dt, dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU}),
+            ("mlp_fc1_ln_gelu_fp32x", "fp32", dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU}),
+            ("mlp_fc1_recompute", dt, dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True}),
+            ("mlp_fc2_bias_residual", dt, dt, c, 4 * c, {"HAS_BIAS": True, "HAS_RESIDUAL": True}),
+            ("mlp_dh_gelu_bwd", dt, dt, 4 * c, c,
+             {"EPILOGUE": k.EPI_GELU_BWD, "STORE_AUX": True, "BIAS_GRAD": True}),
+            ("mlp_dln", dt, "fp32", c, 4 * c, {}),
+        ]
+        for name, a_dt, c_dt, n, kk, flags in gemms[:1] if quick else gemms:
+            types = {"a_ptr": f"*{a_dt}", "c_ptr": f"*{c_dt}", "dbias_ptr": "*fp32", "mean_ptr": "*fp32",
+                     "rstd_ptr": "*fp32", **dict.fromkeys(("b_ptr", "bias_ptr", "res_ptr", "pre_ptr", "h_ptr",
+                                                            "ln_w_ptr", "ln_b_ptr"), f"*{dt}")}
+            named = {"M": _ROWS, "N": n, "a_ptr": _meta(a_dt), "b_ptr": _meta(dt)}
+            for cfg in _kept(tuned, named, quick):
+                yield _tuned(name, dt, f"N={n} K={kk}", tuned.fn, cfg, {**off, **flags}, types)
+        block_c = 1 << (c - 1).bit_length()
+        warps = k._row_warps(block_c)
+        row_types = {"x_ptr": f"*{dt}", "dy_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32",
+                     "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
+                     **dict.fromkeys(("ln_w_ptr", "ln_b_ptr", "dx_ptr", "ln_out_ptr"), f"*{dt}")}
+        yield Variant("mlp_ln_stats", dt, f"C={c}", f"{block_c} w{warps}", k._layernorm_mlp_stats_kernel,
+                      {"BLOCK_C": block_c}, row_types, {"num_warps": warps})
+        yield Variant("mlp_ln_bwd", dt, f"C={c}", f"{block_c} w{warps}", k._layernorm_mlp_bwd_kernel,
+                      {"HAS_DY": True, "STORE_LN": True, "BLOCK_C": block_c}, row_types, {"num_warps": warps})
+
+
+def _patch_embed(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import patch_embed as k
+
+    e, kk = _WIDTHS[0], 3 * 16 * 16  # ViT-B/16
+    m = 64 * 196
+    for dt in _DTYPES:
+        # The token output, its gradient and the fp32 partial sums stay fp32 under autocast; images and weight
+        # are in the compute dtype.
+        types = {**dict.fromkeys(("images_ptr", "weight_ptr", "bias_ptr", "dimages_ptr"), f"*{dt}"),
+                 **dict.fromkeys(("dweight_partial_ptr", "grad_ptr", "cls_ptr", "pos_ptr", "out_ptr"), "*fp32")}
+        named = {"M": m, "E": e, "K": kk, "images_ptr": _meta(dt), "weight_ptr": _meta(dt), "grad_ptr": _meta("fp32")}
+        jobs = [
+            ("patch_embed_fwd", k._patch_embed_fwd_kernel, {"HAS_BIAS": 1, "HAS_CLS": 1, "HAS_POS": 1, "POS_SKIP": 1}),
+            ("patch_embed_fwd_plain", k._patch_embed_fwd_kernel,
+             {"HAS_BIAS": 0, "HAS_CLS": 0, "HAS_POS": 0, "POS_SKIP": 0}),
+            ("patch_embed_bwd_weight", k._patch_embed_bwd_weight_kernel, {"HAS_CLS": 1}),
+            ("patch_embed_bwd_images", k._patch_embed_bwd_images_kernel, {"HAS_CLS": 1}),
+        ]
+        for name, tuned, flags in jobs:
+            for cfg in _kept(tuned, named, quick):
+                consts = {"PH": 16, "PW": 16, "DOT_PRECISION": "ieee", **flags}
+                yield _tuned(name, dt, f"E={e} K={kk}", tuned.fn, cfg, consts, types)
+
+
+def variants(arch: str, quick: bool) -> list[Variant]:
+    """Every Triton variant for ``arch`` (the tuning pruners see the target's shared memory per block)."""
+    import vit_fast.kernels as kernels_pkg
+    from vit_fast.kernels import attention, layernorm_mlp, patch_embed
+
+    budget = LIMITS[arch]["smem_block"] - _RESERVED_SMEM
+    with mock.patch.object(attention, "smem_limit", lambda device: budget), \
+            mock.patch.object(layernorm_mlp, "smem_limit", lambda device: budget), \
+            mock.patch.object(patch_embed, "smem_limit", lambda device: budget), \
+            mock.patch.object(kernels_pkg, "smem_limit", lambda device: budget):
+        found = [v for family in (_attention, _layer_norm, _quantize_rows, _layernorm_mlp, _patch_embed)
+                 for v in family(quick)]
+    # e4m3 needs sm_89 or newer: the fp8 paths (layer_norm_fp8, quantize_rows) are never dispatched on sm_80.
+    return [v for v in found if int(arch[3:]) >= 89 or "*fp8e4nv" not in v.types.values()]
+
+
+def cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump, else one on PATH or in the CUDA toolkit."""
+    try:
+        import triton.backends.nvidia as nvidia
+
+        bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump") or next(
+        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.access(p, os.X_OK)), None)
+
+
+_FUNCTION = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_ARCH = re.compile(r"arch = (sm_\d+)")
+
+
+def parse_resource_usage(text: str, arch: str | None = None) -> list[dict[str, Any]]:
+    """``cuobjdump --dump-resource-usage`` output as one dict per function (name, arch, regs, stack, shared,
+    local); a fat binary's sections are told apart by their ``arch = sm_XX`` headers, kept when ``arch`` is
+    None or matches."""
+    found = []
+    marks = [(m.start(), m.group(1)) for m in _ARCH.finditer(text)]
+    for m in _FUNCTION.finditer(text):
+        sect = next((a for pos, a in reversed(marks) if pos < m.start()), None)
+        if arch is None or sect in (None, arch):
+            found.append({"name": m.group(1), "arch": sect, "regs": int(m.group(2)), "stack": int(m.group(3)),
+                          "shared": int(m.group(4)), "local": int(m.group(5))})
+    return found
+
+
+def _resources(tool: str, cubin: bytes) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return parse_resource_usage(out.stdout)[0]
+
+
+_WORK: dict[str, list[Variant]] = {}
+
+
+def _compile_one(arch: str, quick: bool, index: int) -> Row:
+    """Compile variant ``index`` (rebuilt in the worker: jit functions do not pickle) and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    key = f"{arch}:{quick}"
+    if key not in _WORK:
+        _WORK[key] = variants(arch, quick)
+    v = _WORK[key][index]
+    names = v.fn.arg_names
+    sig = {n: "constexpr" if n in v.consts else v.types.get(n, "i32") for n in names}
+    src = ASTSource(v.fn, sig, {(names.index(n),): val for n, val in v.consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[3:]), 32), options=v.options)
+    res = _resources(cuobjdump(), compiled.asm["cubin"])
+    smem = compiled.metadata.shared + res["shared"]  # dynamic (Triton's pipelines) + static
+    warps = v.options["num_warps"]
+    return Row(v.kernel, v.dtype, v.shape, v.config, res["regs"], res["local"] // 4, smem,
+               occupancy(arch, res["regs"], smem, warps))
+
+
+def triton_rows(arch: str, quick: bool, jobs: int) -> list[Row]:
+    count = len(variants(arch, quick))
+    if jobs <= 1:
+        return [_compile_one(arch, quick, i) for i in range(count)]
+    import multiprocessing
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_one, [arch] * count, [quick] * count, range(count)))
+
+
+def extension_rows(arch: str) -> tuple[list[Row], str]:
+    """The ``vit_fast._C`` kernels' resources for ``arch``, or no rows and why."""
+    spec = importlib.util.find_spec("vit_fast._C")
+    if spec is None or not spec.origin:
+        return [], "vit_fast._C is not built"
+    tool = cuobjdump()
+    if tool is None:
+        return [], "no cuobjdump (pip install nvidia-cuda-cuobjdump, or a CUDA toolkit)"
+    out = subprocess.run([tool, "--dump-resource-usage", spec.origin], capture_output=True, text=True)
+    if out.returncode != 0:
+        return [], f"cuobjdump failed: {out.stderr.strip()[-200:]}"
+    funcs = parse_resource_usage(out.stdout, arch)
+    if not funcs:
+        return [], f"vit_fast._C holds no {arch} code"
+    demangle = shutil.which("c++filt")
+    names = [f["name"] for f in funcs]
+    if demangle:
+        names = subprocess.run([demangle], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+    # Block sizes are chosen at launch in C++: occupancy is not known from the binary alone.
+    return [Row(name[:60], "", "", "", f["regs"], f["local"] // 4, f["shared"], None, "_C")
+            for name, f in zip(names, funcs, strict=False)], ""
+
+
+def format_table(arch: str, rows: list[Row]) -> str:
+    lines = [f"| kernel ({arch}) | dtype | shape | config | regs | spills | smem KiB | occupancy |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        occ = "" if r.occupancy is None else f"{r.occupancy:.0%}"
+        smem = "" if r.smem is None else f"{r.smem / 1024:.1f}"
+        lines.append(f"| {r.kernel} | {r.dtype} | {r.shape} | {r.config} | {r.regs} | {r.spills} | {smem} | {occ} |")
+    return "\n".join(lines)
+
+
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=sorted(LIMITS), default="sm_90", help="target to compile for")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
+    parser.add_argument("--quick", action="store_true",
+                        help="one tuning config per kernel and fewer shapes (seconds, not minutes)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    return (["--arch", args.arch, "--jobs", str(args.jobs)] + (["--json"] if args.json else [])
+            + (["--quick"] if args.quick else []))
+
+
+def main(args: argparse.Namespace) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Under the interpreter triton.jit gives functions that do not compile for a GPU: run in a process
+        # without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "vit_fast.kernel_report", *_argv(args)], env=env).returncode
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        print("triton's NVIDIA backend is not installed", file=sys.stderr)
+        return 1
+    rows = triton_rows(args.arch, args.quick, args.jobs)
+    ext, why = extension_rows(args.arch)
+    if args.json:
+        print(json.dumps({"arch": args.arch, "triton": [dataclasses.asdict(r) for r in rows],
+                          "extension": [dataclasses.asdict(r) for r in ext], "extension_skipped": why}, indent=1))
+        return 0
+    print(format_table(args.arch, rows))
+    spilling = sorted({f"{r.kernel} {r.dtype} {r.shape} {r.config}" for r in rows if r.spills})
+    print(f"\n{len(rows)} Triton variants; spilling: {', '.join(spilling) if spilling else 'none'}")
+    print(f"\nvit_fast._C: {why}" if why else "\n" + format_table(args.arch, ext))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="vit-fast kernels")
+    add_kernels_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
