@@ -94,7 +94,7 @@ def leaves(tensors, dtype: torch.dtype | None = None, *, grad: bool | None = Non
 def _home(op: str):
     """The module holding ``op``'s public function and reference: :mod:`vit_fast.ops`, or for the quantized-inference
     ops :mod:`vit_fast.ops.scaled_linear` (a function named ``scaled_linear`` in ``vit_fast.ops`` would hide that
-    module, which ``vit_fast.quantize`` and the tests import by name)."""
+    module, which ``vit_fast.quantization`` and the tests import by name)."""
     return vit_fast.ops.scaled_linear if op in vit_fast.ops.scaled_linear.__all__ else vit_fast.ops
 
 
@@ -201,8 +201,8 @@ def scaled_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.floa
 
 def int8_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[tuple, dict]:
     """x (M, K) on CPU (fbgemm's int8 kernels are CPU only, whatever the suite's device) and the prepacked
-    per-channel int8 weight and bias of a random Linear, packed as :class:`vit_fast.quantize.Int8Linear` packs."""
-    from vit_fast.quantize import Int8Linear
+    per-channel int8 weight and bias of a random Linear, packed as :class:`vit_fast.quantization.Int8Linear` packs."""
+    from vit_fast.quantization import Int8Linear
 
     packed = Int8Linear.from_linear(torch.nn.Linear(k, n))._pack()
     return (torch.randn(m, k).to(dtype), packed), {"reduce_range": torch.backends.quantized.engine in ("x86", "fbgemm")}

@@ -51,7 +51,7 @@ def test_bad_requests():
 @pytest.mark.cuda
 @pytest.mark.parametrize("quantized", [False, True])
 def test_graphs_equal_eager_on_gpu(quantized):
-    from vit_fast.quantize import supported_formats
+    from vit_fast.quantization import supported_formats
 
     if quantized and supported_formats("cuda")["fp8"] is not None:
         pytest.skip(supported_formats("cuda")["fp8"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import vit_fast
 from vit_fast import backends
-from vit_fast.quantize import (
+from vit_fast.quantization import (
     Fp8Linear,
     Int8Linear,
     UnsupportedFormatError,

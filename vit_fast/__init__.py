@@ -1,7 +1,9 @@
 """vit_fast: a Vision Transformer for PyTorch whose hot paths run on Triton and CUDA C++ kernels.
 
 Public names: :class:`ViTConfig`, :class:`VisionTransformer`, :func:`create_model`, :func:`list_models`,
-:func:`from_timm`, :func:`load_checkpoint`, :func:`set_backend`, :func:`explain` and the ops in :mod:`vit_fast.ops`.
+:func:`from_timm`, :func:`load_checkpoint`, :func:`set_backend`, :func:`explain`, :func:`attention_maps`,
+:func:`quantize` (with :func:`save_quantized` / :func:`load_quantized`), :func:`optimize_for_inference` and the
+ops in :mod:`vit_fast.ops`.
 """
 
 __version__ = "0.1.0"
@@ -14,7 +16,7 @@ from vit_fast.explanation import explain  # noqa: E402
 from vit_fast.factory import create_model, from_timm  # noqa: E402
 from vit_fast.inference import optimize_for_inference  # noqa: E402
 from vit_fast.model import VisionTransformer  # noqa: E402
-from vit_fast.quantize import load_quantized, quantize, save_quantized  # noqa: E402
+from vit_fast.quantization import load_quantized, quantize, save_quantized  # noqa: E402
 from vit_fast.weights import load_checkpoint, resample_pos_embed  # noqa: E402
 
 __all__ = [

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     """``vit-fast eval``; prints one line per evaluated model and returns the exit status."""
     import vit_fast
     from vit_fast.predict import load_model
-    from vit_fast.quantize import quantize
+    from vit_fast.quantization import quantize
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")

@@ -77,7 +77,7 @@ INFERENCE_ONLY = "inference only: quantized and graphed models do not train"
 
 def _quantized(fmt: str) -> Callable[[ViTConfig, torch.nn.Module], torch.nn.Module]:
     def build(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
-        from vit_fast.quantize import quantize
+        from vit_fast.quantization import quantize
 
         return quantize(base, fmt)  # a copy
 
@@ -111,7 +111,7 @@ def _reduce_overhead(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
 
 def inference_providers(device: torch.device, dtype: torch.dtype, *, allow_compile: bool = True) -> list[Provider]:
     """Quantized (int8 on CPU, fp8 on CUDA) and low-latency (CUDA graphs, compile's reduce-overhead) inference."""
-    from vit_fast.quantize import supported_formats
+    from vit_fast.quantization import supported_formats
 
     formats = supported_formats(device)
     fp8_skip = ("fp8 on CPU runs torch._scaled_mm's slow CPU path: a numerics check (vit-fast eval --quantize fp8), "
