@@ -252,8 +252,9 @@ def test_output_layouts_match_the_triton_fakes():
 
 @needs_ext
 def test_explain_lists_cuda_as_built():
-    rows = {r["op"]: r for r in vit_fast.explain("cuda").rows if r["backend"] == "cuda"}
-    assert set(rows) == set(OPS)
+    rows = {r["op"]: r for r in vit_fast.explain("cuda").rows
+            if r["backend"] == "cuda" and "cuda" in backends.implemented(r["op"])}
+    assert set(rows) == set(OPS)  # the quantized-inference ops have no CUDA C++ kernels
     for op, row in rows.items():
         assert not any("not built" in w or "not implemented" in w for w in row["reasons"]), (op, row["reasons"])
         if not torch.cuda.is_available():

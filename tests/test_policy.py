@@ -137,10 +137,12 @@ def test_auto_follows_the_policy_for_its_gpu_kind_and_bucket():
 
 
 def test_the_policy_chooses_only_among_backends_that_can_run_the_inputs():
-    _write(_user_file(), _doc(_entry(order=("cuda", "triton", "reference"))))
-    p = _pick()  # cuda (not built here) cannot run: the next one measured faster than the reference
+    q = torch.randn(2, 12, 197, 96, dtype=torch.bfloat16)  # head dim 96: the CUDA kernels are built for 64/80/128
+    args, kwargs = (q, q, q), {"scale": None, "dropout_p": 0.0}
+    _write(_user_file(), _doc(_entry(bucket=backends.bucket("attention", args, kwargs),
+                                     order=("cuda", "triton", "reference"))))
+    p = _pick(args, kwargs)  # cuda cannot run these inputs (built or not): the next one measured faster
     assert p.backend == "triton" and "cuda passed over for these inputs (see why not): triton" in p.why
-    args, kwargs = _qkv()
     p = _pick(args, {**kwargs, "dropout_p": 0.1})  # neither kernel takes dropout
     assert p.backend == "reference" and "cuda, triton passed over for these inputs (see why not): reference" in p.why
 
@@ -172,7 +174,7 @@ def test_the_user_policy_comes_before_the_shipped_one_and_vit_fast_policy_before
     _write(_user_file(), _doc())
     assert _pick().backend == "triton" and "user cache" in policy.describe(CUDA0)
     policy.reset()
-    mine = _write(tmp_path / "elsewhere" / "mine.json", _doc(_entry(order=("cuda", "reference"))))
+    mine = _write(tmp_path / "elsewhere" / "mine.json", _doc(_entry(order=("reference",))))
     monkeypatch.setenv(policy.ENV, str(mine))
     assert _pick().backend == "reference" and "$VIT_FAST_POLICY" in policy.describe(CUDA0)
 

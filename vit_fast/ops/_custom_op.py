@@ -64,8 +64,10 @@ def register_backend(spec: KernelOp, backend: str, limits: backends.Limits, *, f
     elif not hasattr(torch.ops.vit_fast, fwd_name):
         backends.register(spec.name, backend, None, limits)
         return False
-    torch.library.register_fake(f"vit_fast::{fwd_name}", spec.fwd_fake)
-    torch.library.register_fake(f"vit_fast::{bwd_name}", spec.bwd_fake)
+    # _stacklevel=2: the fakes belong to the op's module (the caller), which csrc/ops.cpp names with
+    # set_python_module; torch checks the two agree for ops the extension defines.
+    torch.library.register_fake(f"vit_fast::{fwd_name}", spec.fwd_fake, _stacklevel=2)
+    torch.library.register_fake(f"vit_fast::{bwd_name}", spec.bwd_fake, _stacklevel=2)
     fwd_op, bwd_op = getattr(torch.ops.vit_fast, fwd_name), getattr(torch.ops.vit_fast, bwd_name)
     backward = spec.backward(bwd_op)
     public = spec.public(fwd_op)
