@@ -578,8 +578,6 @@ INT8_LINEAR = Case(
     close=_tensor_close,
     dtypes=(torch.float32,),
     diverges={
-        ("nan", "reference"): "fbgemm's dynamic quantization reads a NaN activation as a finite int8 value: the "
-                              "row comes out finite (and wrong); other rows are unaffected",
         ("compile", "reference"): "Dynamo cannot put the prepacked weight (a torchbind ScriptObject) in a graph: "
                                   "'Failed to convert args/kwargs to proxy'",
     },

@@ -63,8 +63,10 @@ def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.
 
 def int8_linear_ref(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
     """fbgemm's dynamic int8 Linear: ``x`` (M, K) float32 is quantized per call, the int8 GEMM accumulates in
-    int32 and the result comes back float32 with the bias added."""
-    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    int32 and the result comes back float32 with the bias added. A row of ``x`` holding a NaN gives a NaN row,
+    as the float Linear does (fbgemm's quantizer would read the NaN as a finite int8 value)."""
+    out = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    return out.masked_fill(torch.isnan(x).any(-1, keepdim=True), float("nan"))
 
 
 # ---- declarations -------------------------------------------------------------------------------------------------
