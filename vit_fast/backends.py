@@ -309,18 +309,22 @@ def reasons(backend: str, op: str, args: Sequence, kwargs: dict, device: torch.d
 
     ``device`` overrides the tensors' device (for :func:`explain`).
     """
-    info = _OPS[op]
-    impl = info.impls.get(backend)
+    tensors = _tensors(args, kwargs)
+    dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    return _reasons(backend, op, tensors, dev, lambda: _OPS[op].facts(*args, **kwargs))
+
+
+def _reasons(backend: str, op: str, tensors: Sequence[torch.Tensor], dev: torch.device,
+             facts: Callable[[], Facts]) -> list[str]:
+    """:func:`reasons` with the op's facts read on demand, so that :func:`pick` reads them once per call."""
+    impl = _OPS[op].impls.get(backend)
     if backend == "reference":
         return []
     if impl is None:
         return [f"{op} is not implemented in the {backend} backend"]
-    tensors = _tensors(args, kwargs)
-    dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    dtypes = {t.dtype for t in tensors}
     why = [_UNAVAILABLE[backend]] if backend in _UNAVAILABLE else []
     why += _backend_reasons(backend, dev, tensors)
-    return why + impl.limits.reasons(info.facts(*args, **kwargs), dev, dtypes)
+    return why + impl.limits.reasons(facts(), dev, {t.dtype for t in tensors})
 
 
 @dataclass(frozen=True)
@@ -335,27 +339,28 @@ class Pick:
     speedups: dict[str, float] = field(default_factory=dict)  # the policy's measured speedup over the reference
 
 
-def policy_key(op: str, args: Sequence, kwargs: dict) -> tuple[str, str, tuple[int, ...]]:
+def policy_key(op: str, args: Sequence, kwargs: dict, facts: Facts | None = None) -> tuple[str, str, tuple[int, ...]]:
     """``(dtype, mode, bucket)`` under which a policy records ``op`` on these inputs: the dtype its matmuls run
-    in (autocast's when on), ``fwd+bwd`` when a gradient will be wanted, else ``fwd``, and its shape bucket."""
+    in (autocast's when on), ``fwd+bwd`` when a gradient will be wanted, else ``fwd``, and its shape bucket.
+    ``facts``: the op's facts for these inputs when the caller has them already."""
     tensors = _tensors(args, kwargs)
-    dtype = _OPS[op].facts(*args, **kwargs).gemm_dtype or tensors[0].dtype
+    facts = _OPS[op].facts(*args, **kwargs) if facts is None else facts
+    dtype = facts.gemm_dtype or tensors[0].dtype
     mode = "fwd+bwd" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "fwd"
     return _dtype_name(dtype), mode, bucket(op, args, kwargs)
 
 
 def _auto(op: str, args: Sequence, kwargs: dict, dev: torch.device, why_not: Callable[[str], list[str]],
-          full: bool) -> tuple[str, str, dict[str, float]]:
+          facts: Callable[[], Facts], full: bool) -> tuple[str, str, dict[str, float]]:
     """``(backend, why, speedups)``: on CUDA the first backend of the policy's order that runs; elsewhere the
     reference (explain(), ``full``, also shows a tuned policy's record)."""
     if dev.type not in POLICY_DEVICES:
         if not full or policy.found(dev).policy is None:
             return "reference", f"auto on {dev.type}: the reference", {}
-        _, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs))
+        _, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs, facts()))
         return "reference", f"auto on {dev.type}: the reference ({because})", dict(gains)
-    order, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs))
-    facts = _OPS[op].facts(*args, **kwargs)
-    runs = lambda b: b == "reference" or not (why_not(b) or limits(op, b).auto_reasons(facts))
+    order, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs, facts()))
+    runs = lambda b: b == "reference" or not (why_not(b) or limits(op, b).auto_reasons(facts()))
     chosen = next((b for b in order if runs(b)), "reference")
     if chosen != order[0]:
         because += f"; {', '.join(order[: order.index(chosen)])} passed over for these inputs (see why not): {chosen}"
@@ -375,10 +380,16 @@ def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
     tensors = _tensors(args, kwargs)
     dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
     why: dict[str, list[str]] = {}
+    known: list[Facts] = []  # the op's facts, read at most once per call (the per-call path runs this)
+
+    def facts() -> Facts:
+        if not known:
+            known.append(info.facts(*args, **kwargs))
+        return known[0]
 
     def why_not(backend: str) -> list[str]:
         if backend not in why:
-            why[backend] = reasons(backend, op, args, kwargs, device=dev)
+            why[backend] = _reasons(backend, op, tensors, dev, facts)
         return why[backend]
 
     if full:
@@ -387,7 +398,7 @@ def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
     if any(t.numel() == 0 for t in tensors):  # nothing to launch: the reference returns the empty result
         return Pick(op, "reference", info.impls["reference"].fn, why, "empty input: nothing to compute")
     if name == "auto":
-        chosen, because, gains = _auto(op, args, kwargs, dev, why_not, full)
+        chosen, because, gains = _auto(op, args, kwargs, dev, why_not, facts, full)
         return Pick(op, chosen, info.impls[chosen].fn, why, because, gains)
     if why_not(name):
         raise BackendUnavailableError(f"backend {name!r} cannot run {op} on these inputs: " + "; ".join(why[name]))

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from vit_fast import backends, policy
 from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, _preset_dims, dtype_name
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.providers import backend_providers
+from vit_fast.bench.runner import progress
 from vit_fast.bench.timing import Timer, device_info
 from vit_fast.config import get_config
 from vit_fast.envinfo import git_commit
@@ -186,7 +186,7 @@ def tune(cfg: TuneConfig) -> tuple[dict, str, bool]:
         command=command, git_commit=git_commit(), device_info=device_info(device), timer=timer.description,
         rule=RULE, models=models, batch_sizes=batches, notes=[CPU_NOTE] if device.type == "cpu" else [])
     failed = False
-    bar = _progress(len(cases), cfg.progress)
+    bar = progress(len(cases), cfg.progress, "tune", "case")
     try:
         for i, case in enumerate(cases):
             if budget.left() < 2:
@@ -219,10 +219,6 @@ def summary(doc: dict) -> str:
     return "\n".join(lines + [f"note: {n}" for n in doc["notes"]])
 
 
-def _progress(total: int, enabled: bool | None) -> tqdm:
-    """A tqdm bar, shown on a terminal unless ``enabled`` says otherwise."""
-    return tqdm(total=total, desc="tune", unit="case", disable=None if enabled is None else not enabled,
-                dynamic_ncols=True)
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:

@@ -139,7 +139,7 @@ def _run(cfg: BenchConfig) -> dict:
     model_dtype = dtypes[0]
     mprovs = model_providers(device, model_dtype, quick=cfg.quick, allow_compile=cfg.compile)
     total = sum(len(p) * len(OP_MODES) for *_, p in op_plan) + len(models) * len(mprovs) * len(MODEL_MODES)
-    bar = _progress(total + 1, cfg.progress)
+    bar = progress(total + 1, cfg.progress)
     results["peaks"] = measure_peaks(device, timer, dtypes)
     bar.update(1)
     save()
@@ -180,7 +180,7 @@ def _run(cfg: BenchConfig) -> dict:
     return results
 
 
-def _progress(total: int, enabled: bool | None) -> tqdm:
-    """A tqdm bar, shown on a terminal unless ``enabled`` says otherwise."""
-    return tqdm(total=total, desc="peaks", unit="row", disable=None if enabled is None else not enabled,
+def progress(total: int, enabled: bool | None, desc: str = "peaks", unit: str = "row") -> tqdm:
+    """A tqdm bar (for `vit-fast bench` and `vit-fast tune`), shown on a terminal unless ``enabled`` says otherwise."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled is None else not enabled,
                 dynamic_ncols=True)
