@@ -43,7 +43,8 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly chosen backend cannot run an op on the given inputs."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``: how messages and result files name a dtype."""
     return str(dtype).replace("torch.", "")
 
 
@@ -81,8 +82,8 @@ class Limits:
         """Why ``auto`` passes this backend over for inputs it can run."""
         if self.auto_gemm_dtypes is None or facts.gemm_dtype is None or facts.gemm_dtype in self.auto_gemm_dtypes:
             return []
-        allowed = ", ".join(map(_dtype_name, self.auto_gemm_dtypes))
-        return [f"auto: GEMM dtype {_dtype_name(facts.gemm_dtype)} is left to the reference (auto picks this "
+        allowed = ", ".join(map(dtype_name, self.auto_gemm_dtypes))
+        return [f"auto: GEMM dtype {dtype_name(facts.gemm_dtype)} is left to the reference (auto picks this "
                 f"backend for {allowed}; set_backend runs it)"]
 
     def reasons(self, facts: Facts, device: torch.device, dtypes: set[torch.dtype]) -> list[str]:
@@ -94,12 +95,12 @@ class Limits:
             if cap < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
                 why.append(f"compute capability {cap[0]}.{cap[1]} < {need}")
-        bad = sorted(_dtype_name(d) for d in dtypes if d not in self.dtypes)
+        bad = sorted(dtype_name(d) for d in dtypes if d not in self.dtypes)
         if bad:
-            why.append(f"dtype {', '.join(bad)} not supported ({', '.join(map(_dtype_name, self.dtypes))})")
+            why.append(f"dtype {', '.join(bad)} not supported ({', '.join(map(dtype_name, self.dtypes))})")
         if self.gemm_dtypes is not None and facts.gemm_dtype is not None and facts.gemm_dtype not in self.gemm_dtypes:
-            allowed = ", ".join(map(_dtype_name, self.gemm_dtypes))
-            why.append(f"GEMM dtype {_dtype_name(facts.gemm_dtype)} not supported (tensor-core kernels: {allowed})")
+            allowed = ", ".join(map(dtype_name, self.gemm_dtypes))
+            why.append(f"GEMM dtype {dtype_name(facts.gemm_dtype)} not supported (tensor-core kernels: {allowed})")
         if self.head_dims is not None and facts.head_dim is not None and facts.head_dim not in self.head_dims:
             if isinstance(self.head_dims, range):
                 allowed = f"{self.head_dims.start}..{self.head_dims.stop - 1}"
@@ -347,7 +348,7 @@ def policy_key(op: str, args: Sequence, kwargs: dict, facts: Facts | None = None
     facts = _OPS[op].facts(*args, **kwargs) if facts is None else facts
     dtype = facts.gemm_dtype or tensors[0].dtype
     mode = "fwd+bwd" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "fwd"
-    return _dtype_name(dtype), mode, bucket(op, args, kwargs)
+    return dtype_name(dtype), mode, bucket(op, args, kwargs)
 
 
 def _auto(op: str, args: Sequence, kwargs: dict, dev: torch.device, why_not: Callable[[str], list[str]],

@@ -11,8 +11,17 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from vit_fast import backends, policy
-from vit_fast.backends import BACKENDS, RAISES, BackendUnavailableError, Pick, get_backend, pick, reasons, unavailable
-from vit_fast.backends import _dtype_name as dtype_name
+from vit_fast.backends import (
+    BACKENDS,
+    RAISES,
+    BackendUnavailableError,
+    Pick,
+    dtype_name,
+    get_backend,
+    pick,
+    reasons,
+    unavailable,
+)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vit_fast import backends, policy
-from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, _preset_dims, dtype_name
+from vit_fast.backends import dtype_name
+from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, _preset_dims
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.providers import backend_providers
 from vit_fast.bench.runner import progress

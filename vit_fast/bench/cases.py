@@ -20,10 +20,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 SEQ_LENS: tuple[int, ...] = (65, 197, 257, 577, 1025)  # CIFAR/4, /16 at 224, /14 at 224, /16 at 384, /16 at 512
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def seed(*parts: object) -> None:
     """A seed of its own per case: fresh inputs for every case, the same ones on a rerun."""
     torch.manual_seed(zlib.crc32(repr(parts).encode()))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vit_fast import backends
-from vit_fast.bench.cases import Inputs, OpBench, dtype_name, run_once, seed
+from vit_fast.backends import dtype_name
+from vit_fast.bench.cases import Inputs, OpBench, run_once, seed
 from vit_fast.bench.providers import Provider
 from vit_fast.bench.timing import CPU_WORKING_SET, Timer, Timing, sync
 from vit_fast.tolerance import ATOL, excess

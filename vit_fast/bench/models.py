@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import vit_fast
-from vit_fast.bench.cases import dtype_name, patch_size, seed
+from vit_fast.backends import dtype_name
+from vit_fast.bench.cases import patch_size, seed
 from vit_fast.bench.measure import Budget, check_and_time, compiled, derive, new_row
 from vit_fast.bench.providers import Provider, backend_providers, compile_skip
 from vit_fast.bench.timing import Timer

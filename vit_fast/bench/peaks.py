@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vit_fast.bench.cases import dtype_name
+from vit_fast.backends import dtype_name
 from vit_fast.bench.timing import CPU_WORKING_SET, Timer
 
 

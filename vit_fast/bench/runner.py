@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from vit_fast.backends import dtype_name
 from vit_fast.bench.analysis import add_speedups, compare_results
-from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES, OPS, dtype_name
+from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES, OPS
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.models import MODEL_MODES, bench_model, default_batch, default_models, model_providers
 from vit_fast.bench.peaks import measure_peaks

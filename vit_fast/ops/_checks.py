@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from vit_fast.backends import dtype_name
+
 
 def describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+    return f"shape {tuple(t.shape)}, dtype {dtype_name(t.dtype)}, device {t.device}"
 
 
 def tensor(name: str, t: object, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -48,7 +50,7 @@ def same_device(**tensors: torch.Tensor | None) -> None:
 def same_dtype(**tensors: torch.Tensor) -> None:
     dtypes = {v.dtype for v in tensors.values()}
     if len(dtypes) > 1:
-        listing = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in tensors.items())
+        listing = ", ".join(f"{k} {dtype_name(v.dtype)}" for k, v in tensors.items())
         raise TypeError(f"{', '.join(tensors)} must share one dtype; got {listing}")
 
 
@@ -71,12 +73,6 @@ def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
-
-def tensor_core_reasons(dtype: torch.dtype) -> list[str]:
-    """Why a tensor-core-only (fp16/bf16) kernel cannot run GEMMs in ``dtype``; empty when it can."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return []
-    return [f"GEMM dtype {str(dtype).replace('torch.', '')} not supported (tensor-core kernels: float16, bfloat16)"]
 
 
 def rows_and_affine(x: object, weight_name: str, weight: object, bias_name: str, bias: object, eps: float) -> int:

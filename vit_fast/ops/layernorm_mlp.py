@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
-from vit_fast.backends import HALF, Facts, Limits
+from vit_fast.backends import HALF, Facts, Limits, dtype_name
 from vit_fast.ops import _checks
 from vit_fast.ops._checks import upcast_dtype
 from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
@@ -64,7 +64,7 @@ def _facts(x: torch.Tensor, *params: torch.Tensor, dropout_p: float = 0.0, **_: 
     gemm = dict(zip(("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), (x, *params[2:]), strict=True))
     mismatch = ()
     if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in gemm.values()}) > 1:
-        listing = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')}" for k, t in gemm.items())
+        listing = ", ".join(f"{k} {dtype_name(t.dtype)}" for k, t in gemm.items())
         mismatch = (f"mixed dtypes outside autocast ({listing})",)
     return Facts(gemm_dtype=_checks.matmul_dtype(x), width=x.shape[-1], dropout_p=dropout_p, mismatch=mismatch)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
-from vit_fast.backends import Facts, Limits
+from vit_fast.backends import Facts, Limits, dtype_name
 from vit_fast.ops import _checks
 from vit_fast.ops._custom_op import triton_kernels
 
@@ -215,7 +215,7 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tens
     for name, t, dtype in (("x_q", x_q, FP8), ("weight_q", weight_q, FP8), ("x_scale", x_scale, torch.float32),
                            ("weight_scale", weight_scale, torch.float32)):
         if _checks.tensor(name, t).dtype != dtype:  # _scaled_mm's row-wise scaling takes exactly these
-            raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')}; got {_checks.describe(t)}")
+            raise TypeError(f"{name} must be {dtype_name(dtype)}; got {_checks.describe(t)}")
     m, k = _checks.tensor("x_q", x_q, ndim=2).shape
     _checks.shape("weight_q", weight_q, (None, k), "(N, K): nn.Linear layout with K = x_q's columns")
     _checks.shape("x_scale", x_scale, (m,), "(M,): one scale per row of x_q")
