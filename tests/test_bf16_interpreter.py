@@ -1,4 +1,4 @@
-"""bfloat16 Triton numerics on CPU: the interpreter's bf16 ``tl.dot`` correction (tests/interpreter_bf16.py,
+"""bfloat16 Triton numerics on CPU: the interpreter's bf16 ``tl.dot`` and cast corrections (tests/interpreter_bf16.py,
 installed by conftest.py) is needed, is a no-op once Triton fixes its interpreter, lifts the dispatcher's
 "bfloat16 on CPU" reason without letting auto pick Triton on CPU; and every op's Triton kernels match the
 float64 oracle in bf16 (forward and every gradient, odd shapes, strided views, autocast)."""
@@ -77,6 +77,30 @@ def test_the_correction_is_needed_and_a_fixed_interpreter_makes_it_a_no_op(build
     builder(fixed)
     assert interpreter_bf16.install() is False and interpreter.InterpreterBuilder.create_dot is fixed
     torch.testing.assert_close(_kernel_dot(a, b), want, atol=1e-4, rtol=1e-4)
+
+
+@triton.jit
+def _to_bf16_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+def test_the_cast_correction_rounds_to_nearest_even_as_a_gpu_does(monkeypatch):
+    # halfway cases both ways, just above and below halfway, a carry into the exponent, overflow, inf and NaN
+    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-12, -(1 + 2**-8 - 2**-12), 2 - 2**-9,
+                      3.4e38, float("inf"), float("-inf"), float("nan"), 1e-40, 0.0, -0.0, 5.0, -7.25, 1e-3, 65504.0,
+                      *torch.randn(48, generator=torch.Generator().manual_seed(0)).tolist()], dtype=torch.float32)
+    y = torch.empty(64, dtype=BF16)
+    _to_bf16_kernel[(1,)](x, y, BLOCK=64)
+    assert torch.equal(y.view(torch.int16), x.to(BF16).view(torch.int16))
+    if interpreter_bf16.ORIGINAL_CAST is None:  # this Triton rounds already: nothing was installed
+        assert interpreter_bf16.cast_rounds()
+        return
+    # the interpreter as released truncates: 1 + 3/512 becomes 1, not 1 + 1/128
+    assert not interpreter_bf16.cast_rounds(interpreter_bf16.ORIGINAL_CAST)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", interpreter_bf16.ORIGINAL_CAST)
+    _to_bf16_kernel[(1,)](x, y, BLOCK=64)
+    assert not torch.equal(y.view(torch.int16), x.to(BF16).view(torch.int16))
 
 
 def test_the_dispatcher_reason_follows_the_interpreter_and_auto_stays_on_the_reference(builder):
