@@ -18,6 +18,7 @@ import torch
 from vit_fast import bench
 from vit_fast.bench.cases import _layer_norm_eager
 from vit_fast.bench.measure import derive, new_row
+from vit_fast.bench.peaks import peak_key
 from vit_fast.config import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,16 @@ def test_small_run_writes_results_report_and_plot(small):
     assert "best PyTorch" in bench.summary_table(small)
 
 
+def test_a_quantized_model_row_is_a_fraction_of_its_formats_peak():
+    peaks = {"matmul_tflops": {"float32": 1.0, "int8": 4.0}, "bandwidth_gbps": 1.0}
+    row = {"dtype": "float32", "provider": "vit_fast:int8"}
+    derive(row, bench.Timing(1.0, 1.0, 1.0, 1.0, 1), 2 * 10**9, None, peaks)
+    assert row["frac_peak_flops"] == pytest.approx(0.5) and not row["exceeds_peak"]
+    row = {"dtype": "bfloat16", "provider": "vit_fast:fp8"}  # no fp8 peak measured here: no fraction claimed
+    derive(row, bench.Timing(1.0, 1.0, 1.0, 1.0, 1), 2 * 10**9, None, peaks)
+    assert row["frac_peak_flops"] is None and not row["exceeds_peak"]
+
+
 def test_a_figure_above_the_peak_is_flagged():
     row = {"dtype": "float32"}
     derive(row, bench.Timing(1.0, 1.0, 1.0, 1.0, 1), 2 * 10**9, 10, {"matmul_tflops": {"float32": 1.0},
@@ -156,7 +167,7 @@ def test_derived_figures_stay_under_the_measured_peaks(quick):
             continue
         s = r["median_ms"] * 1e-3
         assert r["tflops"] == pytest.approx(r["flop"] / s / 1e12)
-        assert r["frac_peak_flops"] == pytest.approx(r["tflops"] / peaks["matmul_tflops"][r["dtype"]])
+        assert r["frac_peak_flops"] == pytest.approx(r["tflops"] / peaks["matmul_tflops"][peak_key(r)])
         assert r["frac_peak_flops"] <= 1
         if r["gbps"] is not None:
             assert r["gbps"] == pytest.approx(r["bytes"] / s / 1e9) and r["frac_peak_bw"] <= 1

@@ -16,6 +16,7 @@ import torch
 from vit_fast import backends
 from vit_fast.backends import dtype_name
 from vit_fast.bench.cases import Inputs, OpBench, run_once, seed
+from vit_fast.bench.peaks import peak_key
 from vit_fast.bench.providers import Provider
 from vit_fast.bench.timing import CPU_WORKING_SET, Timer, Timing, sync
 from vit_fast.tolerance import ATOL, excess
@@ -47,8 +48,8 @@ def derive(row: dict, timing: Timing, flop: int | None, nbytes: int | None, peak
                spread=timing.spread, repeats=timing.repeats, flop=flop, bytes=nbytes)
     row["tflops"] = flop / s / 1e12 if flop else None
     row["gbps"] = nbytes / s / 1e9 if nbytes else None
-    peak = peaks["matmul_tflops"][row["dtype"]]
-    row["frac_peak_flops"] = row["tflops"] / peak if row["tflops"] is not None else None
+    peak = peaks["matmul_tflops"].get(peak_key(row))
+    row["frac_peak_flops"] = row["tflops"] / peak if row["tflops"] is not None and peak else None
     row["frac_peak_bw"] = row["gbps"] / peaks["bandwidth_gbps"] if row["gbps"] is not None else None
     row["exceeds_peak"] = any(f is not None and f > 1.0 for f in (row["frac_peak_flops"], row["frac_peak_bw"]))
 

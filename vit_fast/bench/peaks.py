@@ -16,7 +16,9 @@ def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dty
     reach.
 
     - FLOP/s: a large matmul per dtype of the run (and bf16 on CUDA); per dtype because the dtypes differ by
-      several times (tensor cores, AMX).
+      several times (tensor cores, AMX). The quantized models' rows have their own: fbgemm's dynamic int8
+      Linear on CPU (its per-call activation quantization is O(n^2) beside the O(n^3) GEMM), and the e4m3
+      ``_scaled_mm`` on a GPU with FP8 tensor cores.
     - Bandwidth: the best of a large copy (bytes read + written), a large reduction (bytes read) and, on CPU,
       a copy from the rotated working set into a small buffer that stays in cache: an op's fresh output
       usually lands in a recently freed, cached block while its rotated inputs come from memory, and this
@@ -30,6 +32,7 @@ def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dty
         a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
         ms = timer.best_ms(lambda a=a, b=b: torch.mm(a, b))
         matmul[dtype_name(dt)] = 2 * n**3 / (ms * 1e-3) / 1e12
+    matmul.update(_quantized_peaks(device, timer, n))
     nbytes = 2**30 if cuda else CPU_WORKING_SET
     bandwidth = _bandwidth_peaks(device, timer, nbytes)
     if cuda:
@@ -37,6 +40,30 @@ def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dty
     return {"matmul_tflops": matmul, "matmul": f"{n}x{n}x{n}", "bandwidth": bandwidth,
             "bandwidth_of": f"{nbytes // 2**20} MiB {'device memory' if cuda else 'working set'}",
             "bandwidth_gbps": max(bandwidth.values())}
+
+
+def peak_key(row: dict) -> str:
+    """The ``matmul_tflops`` entry a row's FLOP/s is a fraction of: its quantization format, else its dtype."""
+    fmt = str(row.get("provider", "")).rpartition(":")[2]
+    return fmt if fmt in ("int8", "fp8") else row["dtype"]
+
+
+def _quantized_peaks(device: torch.device, timer: Timer, n: int) -> dict[str, float]:
+    from vit_fast import quantization
+
+    formats = quantization.supported_formats(device)
+    out = {}
+    if device.type == "cpu" and formats["int8"] is None:
+        linear = quantization.Int8Linear.from_linear(torch.nn.Linear(n, n))
+        packed, x = linear._pack(), torch.randn(n, n)
+        ms = timer.best_ms(lambda: torch.ops.quantized.linear_dynamic(x, packed, linear.reduce_range))
+        out["int8"] = 2 * n**3 / (ms * 1e-3) / 1e12
+    if device.type == "cuda" and formats["fp8"] is None:
+        a, b = (torch.randn(n, n, device=device).to(torch.float8_e4m3fn) for _ in range(2))
+        one = torch.ones((), device=device)
+        ms = timer.best_ms(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        out["fp8"] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return out
 
 
 def _bandwidth_peaks(device: torch.device, timer: Timer, nbytes: int) -> dict[str, float]:
