@@ -2,9 +2,11 @@
 //
 // Forward: one warp per row. The row is read with 16-byte vector loads (when the width and the pointers allow
 // it; element loads otherwise) in three sweeps, mean, centered variance, normalize: the first comes from DRAM, the
-// other two from L1, and the two-pass variance stays exact when |mean| >> std.
+// other two from L1, and the two-pass variance stays exact when |mean| >> std. weight and bias are read as fp32
+// (converted once per call when they are 16-bit) with vector loads, VEC columns at a time, next to x's vector.
 //
-// Backward: blocks of 32 consecutive rows, one warp per row at a time. Each warp accumulates its rows'
+// Backward: blocks of 4 to 32 consecutive rows (fewer rows per block for small M, so that there are always a few
+// hundred blocks; the count depends only on M), one warp per row at a time. Each warp accumulates its rows'
 // dweight/dbias contributions in its own shared-memory slice (lane-owned columns, no atomics); the block adds its
 // warps' slices in a fixed order into one partial row, and column_sums adds the partial rows in a fixed order.
 // The result does not depend on scheduling or on the GPU model.
@@ -14,6 +16,8 @@
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
+
+#include <algorithm>
 
 #include "vit_fast.h"
 
@@ -36,12 +40,14 @@ void check_device_arch(const at::Device& device) {
 namespace {
 
 constexpr int kRowsPerBlockFwd = 4;  // warps (rows) per forward block
-constexpr int kBwdRows = 32;         // rows per backward block (one partial row each)
+constexpr int kBwdMaxRows = 32;      // rows per backward block (one partial row each), at most
+constexpr int64_t kBwdBlocks = 512;  // backward blocks aimed for: rows per block = clamp(M / 512, 4, 32)
 
 template <typename Tin, typename Tout, int VEC>
 __global__ void __launch_bounds__(kRowsPerBlockFwd * 32)
     layer_norm_fwd_kernel(const Tin* __restrict__ x,  // (M, C), row stride ldx
-                          int64_t ldx, AnyPtr weight, AnyPtr bias,
+                          int64_t ldx, const float* __restrict__ weight,  // (C,), 32-byte aligned
+                          const float* __restrict__ bias,                 // (C,), 32-byte aligned
                           Tout* __restrict__ y,  // (M, C) contiguous
                           float* __restrict__ mean_out,  // (M,)
                           float* __restrict__ rstd_out,  // (M,)
@@ -54,6 +60,7 @@ __global__ void __launch_bounds__(kRowsPerBlockFwd * 32)
   const int nvec = C / VEC;
   using VIn = Vec<Tin, VEC>;
   using VOut = Vec<Tout, VEC>;
+  using VF = Vec<float, VEC>;
 
   float mean, rstd;
   if (stats_given) {
@@ -84,12 +91,11 @@ __global__ void __launch_bounds__(kRowsPerBlockFwd * 32)
   }
   for (int v = lane; v < nvec; v += 32) {
     const VIn in = reinterpret_cast<const VIn*>(xr)[v];
+    const VF w = reinterpret_cast<const VF*>(weight)[v];
+    const VF b = reinterpret_cast<const VF*>(bias)[v];
     VOut out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const int c = v * VEC + j;
-      out.v[j] = from_float<Tout>((to_float(in.v[j]) - mean) * rstd * weight.load(c) + bias.load(c));
-    }
+    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<Tout>((to_float(in.v[j]) - mean) * rstd * w.v[j] + b.v[j]);
     reinterpret_cast<VOut*>(yr)[v] = out;
   }
 }
@@ -99,13 +105,14 @@ template <typename Tx, typename Tdy, int VEC>
 __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), row stride lddy
                                       int64_t lddy,
                                       const Tx* __restrict__ x,  // (M, C), row stride ldx
-                                      int64_t ldx, AnyPtr weight,
+                                      int64_t ldx,
+                                      const float* __restrict__ weight,  // (C,) fp32, 32-byte aligned
                                       const float* __restrict__ mean,  // (M,)
                                       const float* __restrict__ rstd,  // (M,)
                                       Tx* __restrict__ dx,  // (M, C) contiguous
                                       float* __restrict__ dw_part,  // (gridDim.x, C)
                                       float* __restrict__ db_part,  // (gridDim.x, C)
-                                      int64_t M, int C) {
+                                      int64_t M, int C, int rows_per_block) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -115,6 +122,7 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
   const int nvec = C / VEC;
   using VX = Vec<Tx, VEC>;
   using VDY = Vec<Tdy, VEC>;
+  using VF = Vec<float, VEC>;
 
   for (int c = lane; c < C; c += 32) {
     dw_s[c] = 0.f;
@@ -122,8 +130,8 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
   }
   __syncwarp();  // the slots zeroed by one lane are accumulated by another
   // From here on each lane touches only its own slots of its warp's slice, until the merge.
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBwdRows;
-  const int64_t last = min(first + kBwdRows, M);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t last = min(first + rows_per_block, M);
   for (int64_t row = first + warp; row < last; row += warps) {
     const Tx* xr = x + row * ldx;
     const Tdy* dyr = dy + row * lddy;
@@ -133,12 +141,12 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
     for (int v = lane; v < nvec; v += 32) {
       const VX xv = reinterpret_cast<const VX*>(xr)[v];
       const VDY dv = reinterpret_cast<const VDY*>(dyr)[v];
+      const VF w = reinterpret_cast<const VF*>(weight)[v];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const int c = v * VEC + j;
         const float xhat = (to_float(xv.v[j]) - mu) * rs;
         const float g = to_float(dv.v[j]);
-        const float wdy = weight.load(c) * g;
+        const float wdy = w.v[j] * g;
         c1 += xhat * wdy;
         c2 += wdy;
         dw_s[j * nvec + v] += g * xhat;  // slot (c % VEC) * nvec + c / VEC: lanes hit consecutive banks
@@ -151,12 +159,12 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
     for (int v = lane; v < nvec; v += 32) {
       const VX xv = reinterpret_cast<const VX*>(xr)[v];
       const VDY dv = reinterpret_cast<const VDY*>(dyr)[v];
+      const VF w = reinterpret_cast<const VF*>(weight)[v];
       VX out;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const int c = v * VEC + j;
         const float xhat = (to_float(xv.v[j]) - mu) * rs;
-        const float wdy = weight.load(c) * to_float(dv.v[j]);
+        const float wdy = w.v[j] * to_float(dv.v[j]);
         out.v[j] = from_float<Tx>((wdy - (xhat * c1 + c2)) * rs);
       }
       reinterpret_cast<VX*>(dxr)[v] = out;
@@ -177,7 +185,8 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
 
 constexpr int kSumCols = 32;
 constexpr int kSumRows = 8;
-constexpr int64_t kSumChunk = 512;  // rows per block when a column sum is split in two passes
+constexpr int64_t kSumBlocks = 512;    // blocks aimed for: the rows are split into chunks until there are this many
+constexpr int64_t kSumMinChunk = 32;  // rows per chunk, at least
 
 // out[blockIdx.y * cols + c] = sum of in[r * ld + c] over the rows of chunk blockIdx.y, in a fixed order.
 __global__ void __launch_bounds__(kSumCols * kSumRows)
@@ -211,6 +220,13 @@ int vec_width(int64_t C, std::initializer_list<std::pair<const void*, int64_t>> 
   return v;
 }
 
+// weight / bias as the row kernels read them: fp32, contiguous, 32-byte aligned (one Vec<float, 8>).
+at::Tensor fp32_param(const at::Tensor& t) {
+  at::Tensor f = t.to(at::kFloat).contiguous();
+  if ((reinterpret_cast<uintptr_t>(f.data_ptr()) & 31) != 0) f = f.clone();
+  return f;
+}
+
 }  // namespace
 
 void column_sums(const at::Tensor& in, at::Tensor& out, cudaStream_t stream) {
@@ -225,11 +241,16 @@ void column_sums(const at::Tensor& in, at::Tensor& out, cudaStream_t stream) {
     return;
   }
   const dim3 block(kSumCols, kSumRows);
-  if (rows > 4 * kSumChunk) {  // two passes: enough blocks to keep the GPU busy, still a fixed order
-    const int64_t chunks = ceil_div(rows, kSumChunk);
-    auto part = at::empty({chunks, cols}, in.options().dtype(at::kFloat));
-    const dim3 grid(static_cast<unsigned>(ceil_div(cols, kSumCols)), static_cast<unsigned>(chunks));
-    column_sums_kernel<<<grid, block, 0, stream>>>(AnyPtr(in), rows, cols, in.stride(0), kSumChunk, AnyPtr(part));
+  // Split the rows into chunks (partial sums, then a second pass over them) until about kSumBlocks blocks run: the
+  // chunking depends only on the shape, so the summation order, and the result, are fixed.
+  const int64_t col_blocks = ceil_div(cols, kSumCols);
+  const int64_t chunks = std::min(ceil_div(kSumBlocks, col_blocks), ceil_div(rows, kSumMinChunk));
+  if (chunks > 1) {
+    const int64_t chunk_rows = ceil_div(ceil_div(rows, chunks), kSumRows) * kSumRows;
+    const int64_t used = ceil_div(rows, chunk_rows);
+    auto part = at::empty({used, cols}, in.options().dtype(at::kFloat));
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used));
+    column_sums_kernel<<<grid, block, 0, stream>>>(AnyPtr(in), rows, cols, in.stride(0), chunk_rows, AnyPtr(part));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     column_sums(part, out, stream);
     return;
@@ -245,6 +266,7 @@ void layer_norm_rows(const at::Tensor& x2, const at::Tensor& weight, const at::T
   const int C = static_cast<int>(x2.size(1));
   if (M == 0 || C == 0) return;
   const int64_t blocks = ceil_div(M, kRowsPerBlockFwd);
+  const at::Tensor w32 = fp32_param(weight), b32 = fp32_param(bias);
   dispatch_float(x2.scalar_type(), [&](auto tin) {
     using Tin = decltype(tin);
     dispatch_float(y2.scalar_type(), [&](auto tout) {
@@ -255,7 +277,8 @@ void layer_norm_rows(const at::Tensor& x2, const at::Tensor& weight, const at::T
                           ? 16 / static_cast<int>(sizeof(Tin))
                           : 1;
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, kRowsPerBlockFwd * 32, 0, stream>>>(xp, x2.stride(0), AnyPtr(weight), AnyPtr(bias), yp,
+        kernel<<<blocks, kRowsPerBlockFwd * 32, 0, stream>>>(xp, x2.stride(0), w32.data_ptr<float>(),
+                                                             b32.data_ptr<float>(), yp,
                                                              mean.data_ptr<float>(), rstd.data_ptr<float>(), M, C,
                                                              static_cast<float>(eps), stats_given);
       };
@@ -283,7 +306,10 @@ void layer_norm_rows_backward(const at::Tensor& dy2, const at::Tensor& x2, const
   // Shared memory per warp: 2 * C floats; as many warps (up to 4) as fit in 48 KiB.
   const int warps = static_cast<int>(std::min<int64_t>(4, (48 * 1024) / (8 * static_cast<int64_t>(C))));
   TORCH_CHECK(warps >= 1, "layer_norm backward: width C = ", C, " exceeds 6144");
-  const int64_t blocks = ceil_div(M, kBwdRows);
+  const int rows_per_block =
+      static_cast<int>(std::clamp<int64_t>(ceil_div(M, kBwdBlocks), kRowsPerBlockFwd, kBwdMaxRows));
+  const int64_t blocks = ceil_div(M, rows_per_block);
+  const at::Tensor w32 = fp32_param(weight);
   auto dw_part = at::empty({blocks, C}, x2.options().dtype(at::kFloat));
   auto db_part = at::empty({blocks, C}, x2.options().dtype(at::kFloat));
   const size_t smem = static_cast<size_t>(warps) * 2 * C * sizeof(float);
@@ -298,9 +324,10 @@ void layer_norm_rows_backward(const at::Tensor& dy2, const at::Tensor& x2, const
       const bool vec = vec_width<Tx>(C, {{xp, x2.stride(0)}, {dxp, C}}) > 1 &&
                        vec_width<Tdy>(C, {{dyp, dy2.stride(0)}}) > 1 && C % V == 0;
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, warps * 32, smem, stream>>>(dyp, dy2.stride(0), xp, x2.stride(0), AnyPtr(weight),
+        kernel<<<blocks, warps * 32, smem, stream>>>(dyp, dy2.stride(0), xp, x2.stride(0), w32.data_ptr<float>(),
                                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), dxp,
-                                                     dw_part.data_ptr<float>(), db_part.data_ptr<float>(), M, C);
+                                                     dw_part.data_ptr<float>(), db_part.data_ptr<float>(), M, C,
+                                                     rows_per_block);
       };
       if (vec) {
         launch(layer_norm_bwd_kernel<Tx, Tdy, V>);

@@ -5,8 +5,9 @@
 //   whose element type is chosen at run time (for the few loads/stores whose dtype varies: statistics-sized
 //   vectors, epilogue extras), so kernels are templated only on the GEMM/attention element type;
 // - warp reductions;
-// - sm_80 tensor-core primitives: cp.async, ldmatrix, mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate);
-// - host launchers defined in one .cu and used by others (LayerNorm rows, column sums).
+// - sm_80 tensor-core primitives: cp.async, ldmatrix, mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate), for the
+//   attention kernels;
+// - host launchers defined in one .cu and used by others (LayerNorm rows, column sums, the cuBLASLt GEMM).
 //
 // The kernels need sm_80 or newer (cp.async, bf16 mma). Built for an older architecture they compile to a trap,
 // and the ops refuse such a device at the boundary (check_device_arch).
@@ -318,5 +319,26 @@ void layer_norm_rows_backward(const at::Tensor& dy2, const at::Tensor& x2, const
 // out[c] = sum over the rows r of in[r, c]: in (rows, cols) with a unit column stride, out contiguous with cols
 // elements; any of the three float dtypes each; fp32 accumulation in a fixed order (deterministic).
 void column_sums(const at::Tensor& in, at::Tensor& out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMMs (cublaslt.cu)
+
+// Strided batches of a GEMM: `count` problems, each operand's next matrix `a`/`b`/`c`/`d` elements further on (0
+// for an operand shared by every problem). The 2-D tensors handed to lt_matmul describe the first problem.
+struct LtBatch {
+  int64_t count = 1, a = 0, b = 0, c = 0, d = 0;
+};
+
+// d (M, N) = a (M, K) @ b^T [+ bias (N,)] [+ c (M, N)] on cuBLASLt, fp32 accumulation. a, b: fp16/bf16 of one
+// dtype, each with a unit stride in one of its dimensions (copied otherwise); b is (N, K), nn.Linear's layout.
+// d and c: a unit column stride, the operands' dtype or fp32; bias in d's dtype (CUBLASLT_EPILOGUE_BIAS); c is
+// added with beta = 1. Returns false, having launched nothing, when cuBLASLt has no algorithm for the problem
+// (or K == 0): the caller then computes it through ATen.
+bool lt_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& c, at::Tensor& d,
+               cudaStream_t stream, const LtBatch& batch = {});
+
+// lt_matmul, or the same result through ATen when cuBLASLt has no algorithm for it.
+void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& c, at::Tensor& d,
+            cudaStream_t stream);
 
 }  // namespace vit_fast
