@@ -1,7 +1,9 @@
 """Triton kernels and their launchers, installed as ``vit_fast.kernels``.
 
 Each module holds, in this order: ``_<op>_fwd_kernel``, ``_<op>_bwd_kernel``, then the launchers ``<op>_fwd``
-and ``<op>_bwd``. Kernels know nothing of autograd, modules or dispatch: ``vit_fast.ops`` wraps them.
+and ``<op>_bwd``. Kernels know nothing of autograd, modules or dispatch: ``vit_fast.ops`` wraps them. ``gemm`` is
+the exception that serves the others: one GEMM with constexpr epilogues, which ``layernorm_mlp``'s launchers chain
+with the LayerNorm row kernels instead of holding kernels of their own.
 
 What every launcher shares lives here: the output allocation (:func:`empty`), the device guard
 (:func:`on_inputs_device`), the one launch path for autotuned kernels (:func:`launch`: autotuned, or a fixed

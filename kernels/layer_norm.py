@@ -2,8 +2,11 @@
 
 Rows live in registers: one program normalizes a block of BLOCK_M rows of width C (padded to BLOCK_C, the
 next power of two, by masking). Rows are addressed through the input's row stride, so a (M, C) view with a
-unit column stride is read in place. The forward saves the fp32 mean and rstd per row; its ``QUANT_FP8``
-variant (:func:`layer_norm_fwd_fp8`) writes e4m3 plus one fp32 scale per row instead: an FP8 GEMM's input.
+unit column stride is read in place. The forward saves the fp32 mean and rstd per row and writes y in x's dtype
+or another one (``out_dtype``: the next GEMM's input dtype, for layernorm_mlp); its ``QUANT_FP8`` variant
+(:func:`layer_norm_fwd_fp8`) writes e4m3 plus one fp32 scale per row instead: an FP8 GEMM's input. Its
+``STATS_IN`` variant (:func:`layer_norm_apply`) reads saved statistics instead of computing them: a backward
+that needs y again gets the forward's y bit for bit without saving it.
 
 The backward computes dx and, in the same pass, per-program partial sums of dweight and dbias over a group of
 rows, written to row ``pid`` of (G, C) fp32 buffers; the launcher sums those over G. No atomics: the result is
@@ -71,8 +74,7 @@ def load_row_vector(ptr, C, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def layer_norm_dx(xhat, wdy, rstd, C, AXIS: tl.constexpr):
-    """dx of LayerNorm rows along ``AXIS`` from xhat, weight * dy and rstd (broadcastable to them): shared by
-    the row-block backward here and the one-row backward of kernels/layernorm_mlp.py."""
+    """dx of LayerNorm rows along ``AXIS`` from xhat, weight * dy and rstd (broadcastable to them)."""
     c1 = tl.sum(xhat * wdy, axis=AXIS, keep_dims=True) / C
     c2 = tl.sum(wdy, axis=AXIS, keep_dims=True) / C
     return (wdy - (xhat * c1 + c2)) * rstd
@@ -96,6 +98,7 @@ def _layer_norm_fwd_kernel(
     scale_ptr=None,  # (M,) fp32, with QUANT_FP8
     QUANT_FP8: tl.constexpr = False,
     ROUND_E4M3: tl.constexpr = False,
+    STATS_IN: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -104,10 +107,15 @@ def _layer_norm_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
 
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
+    if STATS_IN:
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    else:
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
 
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -115,8 +123,9 @@ def _layer_norm_fwd_kernel(
     if QUANT_FP8:  # y leaves as the next GEMM's e4m3 input with one fp32 scale per row: no quantize pass re-reads it
         y = e4m3_rows(y, mask, row_mask, scale_ptr, rows, ROUND_E4M3)
     tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    if not STATS_IN:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.autotune(configs=_configs(), key=["C"], prune_configs_by={"early_config_prune": _pruner(8192)})
@@ -169,20 +178,21 @@ def _layer_norm_bwd_kernel(
 
 @on_inputs_device
 def layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm of the rows of ``x``.
 
     Args:
         x: (M, C) with unit column stride (any row stride); C <= MAX_C.
         weight, bias: (C,) contiguous, any float dtype.
+        out_dtype: y's dtype; x's by default.
 
     Returns:
-        y (M, C) contiguous in x's dtype, mean (M,) and rstd (M,) in float32.
+        y (M, C) contiguous in ``out_dtype``, mean (M,) and rstd (M,) in float32.
     """
     m, c = x.shape
     assert c <= MAX_C and (c == 1 or x.stride(1) == 1), "x must be (M, C) with unit column stride"
-    y = empty((m, c), dtype=x.dtype, device=x.device)
+    y = empty((m, c), dtype=out_dtype or x.dtype, device=x.device)
     mean = empty((m,), dtype=torch.float32, device=x.device)
     rstd = empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -191,6 +201,30 @@ def layer_norm_fwd(
     launch(_layer_norm_fwd_kernel, grid, (x, weight, bias, y, mean, rstd, x.stride(0), m, c, eps),
            {"BLOCK_C": triton.next_power_of_2(c)}, fixed=_largest_block(_layer_norm_fwd_kernel))
     return y, mean, rstd
+
+
+@on_inputs_device
+def layer_norm_apply(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *,
+    out_dtype: torch.dtype
+) -> torch.Tensor:
+    """y of :func:`layer_norm_fwd` from its saved ``mean`` and ``rstd`` (M,) fp32: the same values, bit for bit.
+
+    Args:
+        x, weight, bias: as :func:`layer_norm_fwd`.
+
+    Returns:
+        y (M, C) contiguous in ``out_dtype``.
+    """
+    m, c = x.shape
+    assert c <= MAX_C and (c == 1 or x.stride(1) == 1), "x must be (M, C) with unit column stride"
+    y = empty((m, c), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+    launch(_layer_norm_fwd_kernel, grid, (x, weight, bias, y, mean, rstd, x.stride(0), m, c, 0.0),
+           {"BLOCK_C": triton.next_power_of_2(c), "STATS_IN": True}, fixed=_largest_block(_layer_norm_fwd_kernel))
+    return y
 
 
 @on_inputs_device
@@ -219,23 +253,26 @@ def layer_norm_fwd_fp8(
 
 @on_inputs_device
 def layer_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *,
+    bias_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`layer_norm_fwd`.
 
     Args:
         dy, x: (M, C) with unit column stride (any row stride).
         weight: (C,) contiguous; mean, rstd: (M,) float32 from the forward.
+        bias_dtype: dbias's dtype; weight's by default.
 
     Returns:
-        dx (M, C) contiguous in x's dtype; dweight and dbias (C,) in weight's dtype.
+        dx (M, C) contiguous in x's dtype; dweight (C,) in weight's dtype, dbias (C,) in ``bias_dtype``.
     """
+    bias_dtype = bias_dtype or weight.dtype
     m, c = x.shape
     assert dy.shape == x.shape and (c == 1 or (x.stride(1) == 1 and dy.stride(1) == 1))
     dx = empty((m, c), dtype=x.dtype, device=x.device)
     if m == 0:
-        zeros = torch.zeros(c, dtype=weight.dtype, device=x.device)
-        return dx, zeros, zeros.clone()
+        return dx, torch.zeros(c, dtype=weight.dtype, device=x.device), torch.zeros(c, dtype=bias_dtype,
+                                                                                     device=x.device)
     # Rows per program: a multiple of every BLOCK_M, so no row block straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(m, _MAX_GROUPS), _MAX_BLOCK_M) * _MAX_BLOCK_M
     groups = triton.cdiv(m, rows_per_program)
@@ -245,4 +282,4 @@ def layer_norm_bwd(
             rows_per_program)
     launch(_layer_norm_bwd_kernel, (groups,), args, {"BLOCK_C": triton.next_power_of_2(c)},
            fixed=_largest_block(_layer_norm_bwd_kernel))
-    return dx, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(weight.dtype)
+    return dx, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(bias_dtype)

@@ -18,6 +18,7 @@ from vit_fast.ops import layernorm_mlp, layernorm_mlp_ref
 from vit_fast.tolerance import ATOL, assert_close
 
 kernels = pytest.importorskip("vit_fast.kernels.layernorm_mlp")
+gemm_kernels = pytest.importorskip("vit_fast.kernels.gemm")
 
 PARAM_NAMES = ("ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 GRAD_NAMES = ("dx", *(f"d{n}" for n in PARAM_NAMES), "dresidual")
@@ -135,28 +136,33 @@ def test_triton_matches_oracle(m, c, hidden, dtype, ndim, residual):
 def test_triton_c_out_differs_from_c_and_other_eps():
     """Also: one forward and one backward launch, four GEMMs (fc1 and fc2 forward, dH and d(LayerNorm output))."""
     x, params, res = _make((2, 7, 48), 200, torch.float32, c_out=24, residual=True)
-    with launches() as rec, mock.patch.object(kernels, "_gemm", wraps=kernels._gemm) as gemm:
+    with launches() as rec, mock.patch.object(kernels, "gemm", wraps=kernels.gemm) as gemm:
         _check(x, params, res, eps=1e-3)
     assert count(rec, "triton", "fwd") == 1 and count(rec, "triton", "bwd") == 1 and gemm.call_count == 4
 
 
 @needs_triton
 def test_triton_bias_gradient_does_not_depend_on_the_tile_shape():
-    """fc1's bias gradient is summed per 32 rows whatever BLOCK_M the autotuner picks: bitwise the same result."""
-    x, params, _ = _make((50, 64), 256, torch.float32)
-    dout = torch.randn(50, 64, device=DEVICE)
+    """fc1's bias gradient is summed per 32 rows whatever BLOCK_M the autotuner picks: bitwise the same result.
+    The GEMM's operands are small integers, so the products are exact and only the epilogue's sums could differ
+    (the interpreter's numpy matmul is not bitwise independent of the tile shape; the kernel's own sums are)."""
+    m, k, n = 100, 48, 40
+    a = torch.randint(-3, 4, (m, k), device=DEVICE).float()
+    b = torch.randint(-3, 4, (k, n), device=DEVICE).float()
+    pre = torch.randn(m, n, device=DEVICE)
     runs = []
     for block_m in (32, 64):
-        config = {**kernels._INTERPRETER_CONFIG, "BLOCK_M": block_m}
-        with vit_fast.set_backend("triton"), mock.patch.object(kernels, "_INTERPRETER_CONFIG", config):
-            out = layernorm_mlp(x, *params)
-            runs.append(torch.autograd.grad(out, [x, *params], dout))
-    for name, a, b in zip(GRAD_NAMES, *runs, strict=False):
-        assert_close(b, a, a, name=name)
-    assert torch.equal(runs[0][4], runs[1][4])  # dfc1_bias
-    ref_in = _leaves([x, *params])
-    want = torch.autograd.grad(layernorm_mlp_ref(*ref_in), ref_in, dout)
-    assert_close(runs[1][4], want[4], want[4], name="dfc1_bias")
+        config = {**gemm_kernels._INTERPRETER_CONFIG, "BLOCK_M": block_m}
+        da = torch.empty(m, n, device=DEVICE)
+        dbias = torch.empty(math.ceil(m / gemm_kernels.BIAS_GRAD_ROWS), n, device=DEVICE)
+        with mock.patch.object(gemm_kernels, "_INTERPRETER_CONFIG", config):
+            gemm_kernels.gemm(a, b, da, pre=pre, dbias=dbias, epilogue=gemm_kernels.EPI_GELU_BWD)
+        runs.append((da, dbias.sum(0)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    pre.requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.gelu(pre), pre, a @ b)[0]
+    torch.testing.assert_close(runs[0][0], want)
+    torch.testing.assert_close(runs[0][1], want.sum(0))
 
 
 @needs_triton
@@ -226,6 +232,95 @@ def test_triton_under_autocast_matches_the_reference_dtypes(residual_dtype):
     for name, g, lo, w in zip(GRAD_NAMES, got, want, want32, strict=False):
         assert g.dtype == torch.float32, name
         assert_close(g, lo, w, name=name, atol=ATOL[torch.float16])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The edges of the new structure: the GEMM's epilogues on their own, and the LayerNorm that feeds fc1.
+
+
+def _nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _gemm_case(m, k, n, dtype, *, transposed_b):
+    a = torch.randn(m, k, device=DEVICE).to(dtype)
+    b = (torch.randn(n, k, device=DEVICE).t() if transposed_b else torch.randn(k, n, device=DEVICE)) / math.sqrt(k)
+    return a, b.to(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, k, n", [(1, 7, 5), (45, 70, 33), (33, 64, 96)])  # none a multiple of every tile
+def test_gemm_epilogues_match_torch(m, k, n, dtype):
+    """Each epilogue of the one GEMM (bias + GELU storing the pre-activation; bias + residual into an fp32 output;
+    dGELU with h and the bias gradient; plain), against torch in float64, at sizes that cut tiles in all three
+    dimensions and with B both as a transposed nn.Linear weight and row-major."""
+    g = gemm_kernels
+    for transposed_b in (True, False):
+        a, b = _gemm_case(m, k, n, dtype, transposed_b=transposed_b)
+        bias = torch.randn(n, device=DEVICE).to(dtype)
+        acc = a.double() @ b.double()
+        tol = {"atol": ATOL[dtype] * 5, "rtol": 1e-2 if dtype == torch.float16 else 1e-5}
+
+        h, pre = _nan(m, n, dtype=dtype), _nan(m, n, dtype=dtype)
+        g.gemm(a, b, h, bias=bias, pre=pre, epilogue=g.EPI_GELU, store_aux=True)
+        want_pre = acc + bias.double()
+        torch.testing.assert_close(pre.double(), want_pre, **tol)
+        torch.testing.assert_close(h.double(), torch.nn.functional.gelu(want_pre), **tol)
+
+        res = torch.randn(m, n, device=DEVICE)
+        out = _nan(m, n)
+        g.gemm(a, b, out, bias=bias, residual=res)
+        torch.testing.assert_close(out.double(), acc + bias.double() + res.double(), **tol)
+
+        da, gelu_out = _nan(m, n, dtype=dtype), _nan(m, n, dtype=dtype)
+        dbias = _nan(math.ceil(m / g.BIAS_GRAD_ROWS), n)
+        g.gemm(a, b, da, pre=pre, h=gelu_out, dbias=dbias, epilogue=g.EPI_GELU_BWD, store_aux=True)
+        pre64 = pre.double().requires_grad_()
+        want_da = torch.autograd.grad(torch.nn.functional.gelu(pre64), pre64, acc)[0]
+        torch.testing.assert_close(da.double(), want_da, **tol)
+        torch.testing.assert_close(gelu_out.double(), torch.nn.functional.gelu(pre.double()), **tol)
+        torch.testing.assert_close(dbias.sum(0).double(), want_da.sum(0), **{**tol, "atol": tol["atol"] * m})
+
+        plain = _nan(m, n)
+        g.gemm(a, b, plain)
+        torch.testing.assert_close(plain.double(), acc, **tol)
+
+
+@needs_triton
+def test_gemm_rejects_mixed_operand_dtypes():
+    """The kernel never converts an operand between its load and the dot (it would keep Triton off its Hopper
+    path): the launcher takes one dtype for A and B."""
+    with pytest.raises(AssertionError, match="gemm"):
+        gemm_kernels.gemm(torch.randn(4, 8, device=DEVICE), torch.randn(8, 4, device=DEVICE).half(), _nan(4, 4))
+
+
+@needs_triton
+def test_fc1_reads_the_layer_norm_output_in_the_gemm_dtype():
+    """Under fp16 autocast with fp32 x the LayerNorm writes fc1's input in fp16 once; the backward rebuilds it from
+    the saved statistics bit for bit."""
+    from vit_fast.kernels import layer_norm
+
+    x, params, _ = _make((2, 9, 48), 200, torch.float32)
+    seen = []
+
+    def spy(a, b, c, **kw):
+        seen.append((a, b))
+        return gemm_kernels.gemm(a, b, c, **kw)
+
+    with torch.autocast(DEVICE, dtype=torch.float16), vit_fast.set_backend("triton"), \
+            mock.patch.object(kernels, "gemm", spy):
+        out = layernorm_mlp(x, *params)
+    y, b = seen[0]
+    assert y.dtype == b.dtype == torch.float16 and y.shape == (18, 48)
+    x2 = x.detach().reshape(18, 48)
+    _, mean, rstd = layer_norm.layer_norm_fwd(x2, params[0].detach(), params[1].detach(), 1e-6)
+    again = layer_norm.layer_norm_apply(x2, params[0].detach(), params[1].detach(), mean, rstd,
+                                        out_dtype=torch.float16)
+    assert torch.equal(again, y)
+    ref = torch.nn.functional.layer_norm(x2, (48,), params[0].detach(), params[1].detach(), 1e-6)
+    torch.testing.assert_close(y.float(), ref, atol=2e-3, rtol=1e-3)
+    assert out.dtype == torch.float16
 
 
 def test_triton_check_reasons():
