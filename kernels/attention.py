@@ -3,17 +3,24 @@
 q, k, v are (B, H, N, D) tensors read through their strides (the model passes views of a packed
 (B, N, 3, H, D) projection). No N x N matrix ever reaches memory: the forward keeps a running max and sum per
 query row (online softmax) and saves the row logsumexp (natural log, fp32, (B, H, N)); the backward
-recomputes the probabilities from it. The head dim is padded to a power of two inside the kernels (masked
-loads), never in memory. Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dot products (no TF32),
-so the kernels match an fp32 reference.
+recomputes the probabilities from it. Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dot products
+(no TF32), so the kernels match an fp32 reference.
 
-The backward is deterministic (no atomics): a preprocess computes delta = rowsum(dO * O); one kernel per key
-block loops over every query block to accumulate dK and dV; a separate kernel per query block loops over
-every key block to accumulate dQ.
+Head dims: the head dim is covered by one power-of-two part (BLOCK_D) and, where that saves work, a second one
+(BLOCK_D1, 0 for none): D = 80 runs as 64 + 16 (two dot products and two accumulators) instead of padding to
+128, which would waste 37.5% of every GEMM. Padding inside a part is masked, never in memory.
 
-Layouts: the forward output and dq, dk, dv are allocated with (B, N, H, D) memory and returned as
-(B, H, N, D) views, so ``o.transpose(1, 2).reshape(B, N, H * D)`` is free and the gradients of a packed
-(B, N, 3, H, D) projection are copied back row by row.
+Masks only where needed: each inner loop runs the full tiles with unmasked row loads and no score masking,
+then at most one masked tail tile (ViT's N = 197, 257, 577 leave one partial tile).
+
+The backward is deterministic (no atomics): the dQ kernel runs first, one program per query block looping over
+every key block; its prologue computes delta = rowsum(dO * O) of its block and stores it for the dK/dV kernel,
+one program per key block looping over every query block.
+
+Layouts: the forward output is allocated with (B, N, H, D) memory and returned as a (B, H, N, D) view, so
+``o.transpose(1, 2).reshape(B, N, H * D)`` is free. The gradients go wherever the caller's views point: three
+(B, N, H, D) buffers, or the three slices of one (B, N, 3, H, D) buffer (:func:`attention_bwd_packed`), which is
+then the gradient of the model's packed qkv projection with no copy.
 
 Grids are one-dimensional, program id -> (b * H + h, block index), so any B * H fits.
 """
@@ -24,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from vit_fast.kernels import SMEM_WITHOUT_DEVICE, empty, interpreting, launch, on_inputs_device, smem_limit
+from vit_fast.kernels.quantize_rows import e4m3_rows
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a jit function reads no plain globals
 
@@ -32,17 +40,82 @@ LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a jit
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
+def head_split(d: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_D1)``: the power-of-two parts the kernels cover head dim ``d`` with; BLOCK_D1 = 0 for one
+    part. Two parts only where they are narrower than one padded part (tl.dot takes K >= 16)."""
+    full = triton.next_power_of_2(d)
+    low = 1 << (d.bit_length() - 1)
+    if low == d:
+        return d, 0
+    high = max(16, triton.next_power_of_2(d - low))
+    return (low, high) if low + high < full else (full, 0)
+
+
 @triton.jit
-def _load_rows(base, rows, stride_n, stride_d, mask_rows, offs_d, mask_d):
-    """A (rows, BLOCK_D) tile of a (N, D) matrix at ``base``; padded rows and columns read as 0."""
+def _load_rows(base, rows, stride_n, stride_d, mask_rows, offs_d, mask_d, MASK_ROWS: tl.constexpr,
+               MASK_D: tl.constexpr):  # fmt: skip
+    """A (rows, len(offs_d)) tile of a (N, D) matrix at ``base``; masked-off rows and columns read as 0."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+    if MASK_ROWS:
+        if MASK_D:
+            tile = tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
+    else:
+        if MASK_D:
+            tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
 def _store_rows(base, tile, rows, stride_n, stride_d, mask_rows, offs_d, mask_d):
     ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask_rows[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _part(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, SECOND: tl.constexpr):
+    """Column offsets and mask of head-dim part 0 ([0, BLOCK_D)) or, with SECOND, part 1."""
+    if SECOND:
+        offs = BLOCK_D + tl.arange(0, BLOCK_D1)
+    else:
+        offs = tl.arange(0, BLOCK_D)
+    return offs, offs < HEAD_DIM
+
+
+@triton.jit
+def _rows_pair(base, rows, stride_n, stride_d, mask_rows, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr):  # fmt: skip
+    """The head-dim parts of a row tile: (part 0, part 1), part 1 = part 0 (unused) without a second part."""
+    offs0, mask0 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+    t0 = _load_rows(base, rows, stride_n, stride_d, mask_rows, offs0, mask0, MASK_ROWS, BLOCK_D > HEAD_DIM)
+    t1 = t0
+    if BLOCK_D1 > 0:
+        offs1, mask1 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, True)
+        t1 = _load_rows(base, rows, stride_n, stride_d, mask_rows, offs1, mask1, MASK_ROWS,
+                        BLOCK_D + BLOCK_D1 > HEAD_DIM)
+    return t0, t1
+
+
+@triton.jit
+def _store_pair(base, t0, t1, rows, stride_n, stride_d, mask_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_D1: tl.constexpr):  # fmt: skip
+    offs0, mask0 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+    _store_rows(base, t0, rows, stride_n, stride_d, mask_rows, offs0, mask0)
+    if BLOCK_D1 > 0:
+        offs1, mask1 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, True)
+        _store_rows(base, t1, rows, stride_n, stride_d, mask_rows, offs1, mask1)
+
+
+@triton.jit
+def _dot_pair(a0, a1, b0, b1, INPUT_PRECISION: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """a b^T over both head-dim parts: (rows of a, rows of b) in fp32."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -56,12 +129,36 @@ def _program_block(N, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(q0, q1, k_base, v_base, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, m_i, l_i, acc0, acc1,
+              qk_scale, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax; MASK_N for the partial last tile only."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0, k1 = _rows_pair(k_base, offs_n, stride_kn, stride_kd, mask_n, MASK_N, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    s = _dot_pair(q0, q1, k0, k1, INPUT_PRECISION, BLOCK_D1) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASK_N:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    # Every key tile holds at least one valid key, so m_new is finite for finite inputs.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v0, v1 = _rows_pair(v_base, offs_n, stride_vn, stride_vd, mask_n, MASK_N, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc0, acc1
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,  # (B, H, N, D), any strides
     K,  # (B, H, N, D), any strides
     V,  # (B, H, N, D), any strides
-    OUT,  # (B, H, N, D) view of (B, N, H, D) memory
-    LSE,  # (B, H, N) fp32, contiguous
+    OUT,  # (B, H, N, D) view of (B, N, H, D) memory; e4m3 with OUT_FP8
+    LSE,  # (B, H, N) fp32, contiguous; unused with OUT_FP8
+    OUT_SCALE,  # (B, N, H) fp32, contiguous: one e4m3 scale per (token, head); unused without OUT_FP8
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -73,65 +170,169 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr = 0,
+    OUT_FP8: tl.constexpr = False,
+    ROUND_E4M3: tl.constexpr = False,
 ):  # fmt: skip
-    """One program per (b, h, query block): online softmax over every key block."""
+    """One program per (b, h, query block): online softmax over every key block.
+
+    With OUT_FP8 (inference) the output leaves as the proj GEMM's e4m3 input: each (token, head) row of D values
+    gets its own scale, computed here from the fp32 row, so nothing reads the attention output back to quantize
+    it. No logsumexp is stored: there is no backward. The row scale needs the whole row in one tile: OUT_FP8 takes
+    one head-dim part (BLOCK_D1 = 0)."""
     b, h, bh, start_m = _program_block(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM  # a compile-time mask: full-width rows stay vectorized
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, stride_qd, mask_m, offs_d, mask_d)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q0, q1 = _rows_pair(q_base, offs_m, stride_qn, stride_qd, mask_m, True, HEAD_DIM, BLOCK_D, BLOCK_D1)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k = _load_rows(k_base, offs_n, stride_kn, stride_kd, mask_n, offs_d, mask_d)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # Every key block holds at least one valid key, so m_new is finite for finite inputs.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(v_base, offs_n, stride_vn, stride_vd, mask_n, offs_d, mask_d)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1 = acc0
+    if BLOCK_D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc0, acc1 = _fwd_tile(q0, q1, k_base, v_base, start_n, N, stride_kn, stride_kd, stride_vn,
+                                         stride_vd, m_i, l_i, acc0, acc1, qk_scale, INPUT_PRECISION, BLOCK_N,
+                                         HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+    for start_n in range(n_full, N, BLOCK_N):  # the partial last tile, if any
+        m_i, l_i, acc0, acc1 = _fwd_tile(q0, q1, k_base, v_base, start_n, N, stride_kn, stride_kd, stride_vn,
+                                         stride_vd, m_i, l_i, acc0, acc1, qk_scale, INPUT_PRECISION, BLOCK_N,
+                                         HEAD_DIM, BLOCK_D, BLOCK_D1, True)
 
-    out = acc / l_i[:, None]
-    _store_rows(OUT + b * stride_ob + h * stride_oh, out, offs_m, stride_on, stride_od, mask_m, offs_d, mask_d)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
-    tl.store(LSE + bh * N + offs_m, lse, mask=mask_m)
+    o_base = OUT + b * stride_ob + h * stride_oh
+    out0 = acc0 / l_i[:, None]
+    if OUT_FP8:
+        offs_d, mask_d = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+        rows_scale = (b * N + offs_m) * H + h  # OUT_SCALE[b, n, h]
+        out0 = e4m3_rows(out0, mask_m[:, None] & mask_d[None, :], mask_m, OUT_SCALE, rows_scale, ROUND_E4M3)
+        _store_rows(o_base, out0, offs_m, stride_on, stride_od, mask_m, offs_d, mask_d)
+    else:
+        _store_pair(o_base, out0, acc1 / l_i[:, None], offs_m, stride_on, stride_od, mask_m, HEAD_DIM, BLOCK_D,
+                    BLOCK_D1)
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
+        tl.store(LSE + bh * N + offs_m, lse, mask=mask_m)
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(
+def _dq_tile(q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+             dq0, dq1, qk_scale, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0, k1 = _rows_pair(k_base, offs_n, stride_kn, stride_kd, mask_n, MASK_N, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    v0, v1 = _rows_pair(v_base, offs_n, stride_vn, stride_vd, mask_n, MASK_N, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    s = _dot_pair(q0, q1, k0, k1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_M, BLOCK_N)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(mask_n[None, :], p, 0.0)  # a padded key's exp2(-lse2) may overflow, and inf * 0 is NaN
+    dp = _dot_pair(do0, do1, v0, v1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_M, BLOCK_N)
+    ds = p * (dp - delta[:, None])
+    dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=INPUT_PRECISION)
+    return dq0, dq1
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, N, D), any strides
+    K,  # (B, H, N, D), any strides
+    V,  # (B, H, N, D), any strides
     OUT,  # (B, H, N, D), any strides
     DOUT,  # (B, H, N, D), any strides
-    DELTA,  # (B, H, N) fp32, contiguous
+    LSE,  # (B, H, N) fp32, contiguous
+    DELTA,  # (B, H, N) fp32, contiguous: written here, read by the dK/dV kernel
+    DQ,  # (B, H, N, D), any strides
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N,
+    scale,
+    qk_scale,  # scale * log2(e)
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr = 0,
 ):  # fmt: skip
-    """delta = rowsum(dO * O) in fp32: the softmax backward's per-row term."""
+    """One program per (b, h, query block): delta = rowsum(dO * O) of that block (stored for the dK/dV kernel: it
+    saves a launch and a pass over dO), then dQ of the block, summed over every key block."""
     b, h, bh, start_m = _program_block(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
-    o = _load_rows(OUT + b * stride_ob + h * stride_oh, offs_m, stride_on, stride_od, mask_m, offs_d, mask_d)
-    do = _load_rows(DOUT + b * stride_dob + h * stride_doh, offs_m, stride_don, stride_dod, mask_m, offs_d, mask_d)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    q0, q1 = _rows_pair(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, stride_qd, mask_m, True, HEAD_DIM,
+                        BLOCK_D, BLOCK_D1)
+    do0, do1 = _rows_pair(DOUT + b * stride_dob + h * stride_doh, offs_m, stride_don, stride_dod, mask_m, True,
+                          HEAD_DIM, BLOCK_D, BLOCK_D1)
+    o0, o1 = _rows_pair(OUT + b * stride_ob + h * stride_oh, offs_m, stride_on, stride_od, mask_m, True, HEAD_DIM,
+                        BLOCK_D, BLOCK_D1)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), axis=1)
+    if BLOCK_D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), axis=1)
     tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
+    lse2 = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq1 = dq0
+    if BLOCK_D1 > 0:
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _dq_tile(q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N, stride_kn, stride_kd,
+                            stride_vn, stride_vd, dq0, dq1, qk_scale, INPUT_PRECISION, BLOCK_N, HEAD_DIM, BLOCK_D,
+                            BLOCK_D1, False)
+    for start_n in range(n_full, N, BLOCK_N):  # the partial last tile, if any
+        dq0, dq1 = _dq_tile(q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N, stride_kn, stride_kd,
+                            stride_vn, stride_vd, dq0, dq1, qk_scale, INPUT_PRECISION, BLOCK_N, HEAD_DIM, BLOCK_D,
+                            BLOCK_D1, True)
+
+    _store_pair(DQ + b * stride_dqb + h * stride_dqh, dq0 * scale, dq1 * scale, offs_m, stride_dqn, stride_dqd,
+                mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1)
 
 
+@triton.jit
+def _dkdv_tile(k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, start_m, N, stride_qn, stride_qd, stride_don,
+               stride_dod, dk0, dk1, dv0, dv1, qk_scale, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+               MASK_M: tl.constexpr):  # fmt: skip
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    q0, q1 = _rows_pair(q_base, offs_m, stride_qn, stride_qd, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    do0, do1 = _rows_pair(do_base, offs_m, stride_don, stride_dod, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    if MASK_M:
+        lse2 = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m)
+    st = _dot_pair(k0, k1, q0, q1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
+    # Padded query rows load q = dO = lse = delta = 0: their pt is 1, but they add nothing to dv or dk.
+    pt = tl.exp2(st * qk_scale - lse2[None, :])
+    dv0 = tl.dot(pt.to(do0.dtype), do0, dv0, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dv1 = tl.dot(pt.to(do1.dtype), do1, dv1, input_precision=INPUT_PRECISION)
+    dpt = _dot_pair(v0, v1, do0, do1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
+    dst = pt * (dpt - delta[None, :])
+    dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=INPUT_PRECISION)
+    return dk0, dk1, dv0, dv1
+
+
+# The signature repeats the dQ kernel's: a Triton kernel takes each tensor as a pointer plus its strides. The P and
+# dP recompute repeats too: the backward is deterministic by design (no atomics), so each of the two kernels
+# recomputes the tile it reduces over (keys for dQ, queries for dK/dV).
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q,  # (B, H, N, D), any strides
@@ -139,7 +340,7 @@ def _attention_bwd_dkdv_kernel(
     V,  # (B, H, N, D), any strides
     DOUT,  # (B, H, N, D), any strides
     LSE,  # (B, H, N) fp32, contiguous
-    DELTA,  # (B, H, N) fp32, contiguous
+    DELTA,  # (B, H, N) fp32, contiguous: the dQ kernel's
     DK,  # (B, H, N, D), any strides
     DV,  # (B, H, N, D), any strides
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -156,97 +357,40 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr = 0,
 ):  # fmt: skip
     """One program per (b, h, key block): dK and dV of that block, summed over every query block."""
     b, h, bh, start_n = _program_block(N, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, stride_kd, mask_n, offs_d, mask_d)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, stride_vd, mask_n, offs_d, mask_d)
+    k0, k1 = _rows_pair(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, stride_kd, mask_n, True, HEAD_DIM,
+                        BLOCK_D, BLOCK_D1)
+    v0, v1 = _rows_pair(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, stride_vd, mask_n, True, HEAD_DIM,
+                        BLOCK_D, BLOCK_D1)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DOUT + b * stride_dob + h * stride_doh
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        q = _load_rows(q_base, offs_m, stride_qn, stride_qd, mask_m, offs_d, mask_d)  # (BLOCK_M, BLOCK_D)
-        do = _load_rows(do_base, offs_m, stride_don, stride_dod, mask_m, offs_d, mask_d)  # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * N + offs_m, mask=mask_m, other=0.0)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk1 = dk0
+    dv1 = dv0
+    if BLOCK_D1 > 0:
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    m_full = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, q_base, do_base, LSE + bh * N, DELTA + bh * N, start_m, N,
+                                        stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale,
+                                        INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+    for start_m in range(m_full, N, BLOCK_M):  # the partial last tile, if any
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, q_base, do_base, LSE + bh * N, DELTA + bh * N, start_m, N,
+                                        stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale,
+                                        INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, True)
 
-        st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        # Padded query rows load q = dO = lse = delta = 0: their pt is 1, but they add nothing to dv or dk.
-        pt = tl.exp2(st * qk_scale - lse2[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
-
-    _store_rows(
-        DK + b * stride_dkb + h * stride_dkh, dk * scale, offs_n, stride_dkn, stride_dkd, mask_n, offs_d, mask_d
-    )
-    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, stride_dvn, stride_dvd, mask_n, offs_d, mask_d)
-
-
-# The signature repeats the dK/dV kernel's: a Triton kernel takes each tensor as a pointer plus its strides. The
-# P and dP recompute repeats too: the backward is deterministic by design (no atomics), so each of the two
-# kernels recomputes the tile it reduces over (keys for dK/dV, queries for dQ).
-@triton.jit
-def _attention_bwd_dq_kernel(
-    Q,  # (B, H, N, D), any strides
-    K,  # (B, H, N, D), any strides
-    V,  # (B, H, N, D), any strides
-    DOUT,  # (B, H, N, D), any strides
-    LSE,  # (B, H, N) fp32, contiguous
-    DELTA,  # (B, H, N) fp32, contiguous
-    DQ,  # (B, H, N, D), any strides
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N,
-    scale,
-    qk_scale,  # scale * log2(e)
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """One program per (b, h, query block): dQ of that block, summed over every key block."""
-    b, h, bh, start_m = _program_block(N, H, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, stride_qd, mask_m, offs_d, mask_d)
-    do = _load_rows(DOUT + b * stride_dob + h * stride_doh, offs_m, stride_don, stride_dod, mask_m, offs_d, mask_d)
-    lse2 = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * N + offs_m, mask=mask_m, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k = _load_rows(k_base, offs_n, stride_kn, stride_kd, mask_n, offs_d, mask_d)  # (BLOCK_N, BLOCK_D)
-        v = _load_rows(v_base, offs_n, stride_vn, stride_vd, mask_n, offs_d, mask_d)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s * qk_scale - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)  # a padded key's exp2(-lse2) may overflow, and inf * 0 is NaN
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-
-    _store_rows(
-        DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, stride_dqn, stride_dqd, mask_m, offs_d, mask_d
-    )
+    _store_pair(DK + b * stride_dkb + h * stride_dkh, dk0 * scale, dk1 * scale, offs_n, stride_dkn, stride_dkd,
+                mask_n, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    _store_pair(DV + b * stride_dvb + h * stride_dvh, dv0, dv1, offs_n, stride_dvn, stride_dvd, mask_n, HEAD_DIM,
+                BLOCK_D, BLOCK_D1)
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -254,8 +398,8 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 # Shared memory a config needs: the streamed tiles (two per step) for each pipeline stage plus the resident tiles,
-# each BLOCK x BLOCK_D x itemsize (q, k, v and dout share one dtype: the op checks it). The budget is the device's
-# own opt-in limit, read at the first launch on it.
+# each BLOCK x (the head-dim parts' width) x itemsize (q, k, v and dout share one dtype: the op checks it). The
+# budget is the device's own opt-in limit, read at the first launch on it.
 _SMEM_BUDGET = SMEM_WITHOUT_DEVICE  # the budget for tensors on no CUDA device (tests/test_attention.py reads it)
 
 
@@ -266,12 +410,12 @@ def _prune(streamed: str, resident: str, resident_tiles: int):
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
-        n, block_d, itemsize = args["N"], triton.next_power_of_2(args["HEAD_DIM"]), args["Q"].element_size()
+        n, width, itemsize = args["N"], sum(head_split(args["HEAD_DIM"])), args["Q"].element_size()
         budget = smem_limit(args["Q"].device)
         kept = []
         for c in configs:
             bs, br = c.kwargs[streamed], c.kwargs[resident]
-            smem = (2 * bs * c.num_stages + resident_tiles * br) * block_d * itemsize
+            smem = (2 * bs * c.num_stages + resident_tiles * br) * width * itemsize
             if smem <= budget and not (br > 64 and n <= 64):
                 kept.append(c)
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
@@ -322,6 +466,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the second is ignored for 16-bit operands
 
 
+def _head_consts(q: torch.Tensor) -> dict:
+    block_d, block_d1 = head_split(q.shape[-1])
+    return {"INPUT_PRECISION": _precision(q.dtype), "HEAD_DIM": q.shape[-1], "BLOCK_D": block_d, "BLOCK_D1": block_d1}
+
+
+def useful_fraction(n: int, d: int, block_m: int, block_n: int) -> float:
+    """Useful score entries (N x N x D) over those a forward with these tiles computes (every tile whole, the head
+    dim covered by :func:`head_split`'s parts): what masking and padding cost at a ViT shape."""
+    computed = triton.cdiv(n, block_m) * block_m * triton.cdiv(n, block_n) * block_n * sum(head_split(d))
+    return n * n * d / computed
+
+
+def unpack_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, D) views of a packed (B, N, 3, H, D) tensor."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+    return q, k, v
+
+
 def _bhnd_view_of_bnhd(b: int, h: int, n: int, d: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)  # (B, H, N, D) over (B, N, H, D)
 
@@ -338,12 +500,61 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = empty((B, H, N), dtype=torch.float32, device=q.device)
     _launch(
         _attention_fwd_tuned, "BLOCK_M", B * H, N,
-        q, k, v, out, lse,
+        q, k, v, out, lse, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, N, scale * LOG2E,
-        INPUT_PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        H, N, scale * LOG2E, **_head_consts(q),
     )  # fmt: skip
     return out, lse
+
+
+@on_inputs_device
+def attention_fwd_packed(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_fwd` of the q, k, v views of one packed (B, N, 3, H, D) tensor (any strides)."""
+    return attention_fwd(*unpack_qkv(qkv), scale)
+
+
+@on_inputs_device
+def attention_fwd_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :func:`attention_fwd` leaving as the next GEMM's e4m3 input (inference: no logsumexp).
+
+    Returns ``(out, out_scale)``: out (B * N, H * D) float8_e4m3fn, the token-major rows the proj GEMM reads;
+    out_scale (B * N, H) fp32, one scale per (token, head), with ``out[t, h*D:(h+1)*D] * out_scale[t, h]`` ~= the
+    attention output of head h at token t.
+    """
+    B, H, N, D = q.shape
+    out = empty((B * N, H * D), dtype=torch.float8_e4m3fn, device=q.device)
+    out_scale = empty((B * N, H), dtype=torch.float32, device=q.device)
+    o = out.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view the kernel writes through
+    _launch(
+        _attention_fwd_tuned, "BLOCK_M", B * H, N,
+        q, k, v, o, out_scale, out_scale,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, N, scale * LOG2E,
+        INPUT_PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_D1=0,
+        OUT_FP8=True, ROUND_E4M3=interpreting(),
+    )  # fmt: skip
+    return out, out_scale
+
+
+def _backward(dout, q, k, v, out, lse, scale, dq, dk, dv) -> None:
+    """Launch the dQ kernel (which also writes delta), then the dK/dV kernel that reads it, into the given views."""
+    B, H, N, D = q.shape
+    lse = lse.contiguous()
+    delta = empty((B, H, N), dtype=torch.float32, device=q.device)
+    common = _head_consts(q)
+    _launch(
+        _attention_bwd_dq_tuned, "BLOCK_M", B * H, N,
+        q, k, v, out, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+        H, N, scale, scale * LOG2E, **common,
+    )  # fmt: skip
+    _launch(
+        _attention_bwd_dkdv_tuned, "BLOCK_N", B * H, N,
+        q, k, v, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        H, N, scale, scale * LOG2E, **common,
+    )  # fmt: skip
 
 
 @on_inputs_device
@@ -361,27 +572,17 @@ def attention_bwd(
     Returns ``(dq, dk, dv)``, each (B, H, N, D) in q's dtype, a view of (B, N, H, D) memory.
     """
     B, H, N, D = q.shape
-    block_d = triton.next_power_of_2(D)
-    lse = lse.contiguous()
-    delta = empty((B, H, N), dtype=torch.float32, device=q.device)
-    pre_block = 64
-    _attention_bwd_preprocess_kernel[(B * H * triton.cdiv(N, pre_block),)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, N, BLOCK_M=pre_block, HEAD_DIM=D, BLOCK_D=block_d
-    )
-    dq = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
-    dk = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
-    dv = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
-    common = {"INPUT_PRECISION": _precision(q.dtype), "HEAD_DIM": D, "BLOCK_D": block_d}
-    _launch(
-        _attention_bwd_dkdv_tuned, "BLOCK_N", B * H, N,
-        q, k, v, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        H, N, scale, scale * LOG2E, **common,
-    )  # fmt: skip
-    _launch(
-        _attention_bwd_dq_tuned, "BLOCK_M", B * H, N,
-        q, k, v, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        H, N, scale, scale * LOG2E, **common,
-    )  # fmt: skip
+    dq, dk, dv = (_bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    _backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
     return dq, dk, dv
+
+
+@on_inputs_device
+def attention_bwd_packed(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Gradient of :func:`attention_fwd_packed`: one (B, N, 3, H, D) tensor in qkv's dtype, contiguous, that the
+    kernels write in place (dq, dk, dv are its three slices): the packed projection's gradient with no copy."""
+    B, N, _, H, D = qkv.shape
+    dqkv = empty((B, N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+    _backward(dout, *unpack_qkv(qkv), out, lse, scale, *unpack_qkv(dqkv))
+    return dqkv

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, check_oracle, launches, needs_triton, packed_qkv
+from helpers import DEVICE, backend_params, check_oracle, launches, needs_triton, packed_qkv
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_fast
 from vit_fast import backends
-from vit_fast.ops import attention, attention_ref
+from vit_fast.config import ViTConfig
+from vit_fast.model import Attention
+from vit_fast.ops import attention, attention_packed, attention_packed_ref, attention_ref
+from vit_fast.ops.attention import unpack_qkv
 from vit_fast.tolerance import assert_close
 
 kernels = pytest.importorskip("vit_fast.kernels.attention")
@@ -179,11 +183,191 @@ def test_autotune_prune_keeps_a_fitting_config(dtype, head_dim, n):
         streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
         kept = tuned.early_config_prune(tuned.configs, {"Q": q, "N": n}, HEAD_DIM=head_dim)
         assert kept
-        block_d = 1 << (head_dim - 1).bit_length()
+        block_d = sum(kernels.head_split(head_dim))  # the head-dim parts the kernels stage, not D padded
         for c in kept:
             smem = (2 * c.kwargs[streamed] * c.num_stages + tiles * c.kwargs[resident]) * block_d * q.element_size()
             assert smem <= kernels._SMEM_BUDGET
             assert n > 64 or c.kwargs[resident] <= 64
+
+
+# ---- the packed entry point: one (B, N, 3, H, D) input, one gradient ----------------------------------------------
+
+
+def _qkv(B: int, N: int, H: int, D: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # launchers' outputs start as NaN in tests (conftest): a dqkv element the kernels leave unwritten fails
+    return torch.randn(B, N, 3, H, D, device=DEVICE).to(dtype).requires_grad_()  # (B, N, 3, H, D)
+
+
+PACKED_SHAPES = [(1, 197, 1, 64), (1, 50, 2, 80), (2, 7, 3, 48), (1, 1, 2, 16), (1, 37, 1, 96)]  # (B, N, H, D)
+PACKED = backend_params("reference", "triton", "cuda")
+
+
+@pytest.mark.parametrize("backend", PACKED)
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_packed_matches_oracle(shape, backend):
+    """Forward and dqkv against the fp64 oracle: ViT's N = 197 with D = 64, D = 80 (two head-dim parts), odd N."""
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    check_oracle("attention_packed", backend, (_qkv(*shape, dtype),), {"scale": 0.3})
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_packed_triton_half_matches_oracle(dtype):
+    check_oracle("attention_packed", "triton", (_qkv(1, 50, 2, 80, dtype),), {})
+
+
+@needs_triton
+def test_packed_equals_attention_of_its_views():
+    """The same kernels: the packed entry's output and dq, dk, dv slices are bit-identical to attention()'s."""
+    qkv = _qkv(2, 45, 2, 80)
+    dout = torch.randn(2, 2, 45, 80, device=DEVICE)
+    views = [t.detach().requires_grad_() for t in unpack_qkv(qkv.detach())]
+    with vit_fast.set_backend("triton"):
+        out = attention_packed(qkv)
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        want = attention(*views)
+        grads = torch.autograd.grad(want, views, dout)
+    assert torch.equal(out, want)
+    for got, g in zip(unpack_qkv(dqkv), grads, strict=True):
+        assert torch.equal(got, g)
+
+
+class _Outputs(TorchDispatchMode):
+    """The outputs of the vit_fast custom ops whose name starts with ``prefix``, as the dispatcher returns them."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.outputs = prefix, []
+
+    def __enter__(self):
+        super().__enter__()
+        return self.outputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "vit_fast" and func.name().split("::")[-1].startswith(self.prefix):
+            self.outputs.append(out)
+        return out
+
+
+def _graph_nodes(fn) -> list[str]:
+    seen, todo, names = set(), [fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_model_qkv_gradient_is_the_kernels_buffer(backend):
+    """No stack/cat/copy between the kernel's dqkv and the qkv Linear: the packed gradient the backward returns
+    is, by address, the gradient of the Linear's output."""
+    attn = Attention(ViTConfig(embed_dim=64, num_heads=4)).to(DEVICE)
+    x = torch.randn(2, 21, 64, device=DEVICE)
+    kept = {}
+    lin = attn.qkv
+
+    def keep_grad(module, inputs, y):
+        y.register_hook(lambda g: kept.setdefault("linear_out", g))
+
+    lin.register_forward_hook(keep_grad)
+    with vit_fast.set_backend(backend), launches() as rec, _Outputs("attention_packed_bwd") as written:
+        out = attn(x)
+        names = _graph_nodes(out.grad_fn)
+        out.backward(torch.randn_like(out))
+    copies = [n for n in names if any(w in n for w in ("Stack", "Cat", "Unbind", "Copy", "Clone", "Select", "Index"))]
+    assert not copies, names
+    assert any("attention_packed_fwd_triton" in n for n in names), names
+    g = kept["linear_out"]
+    assert g.is_contiguous() and g.shape == (2, 21, 3 * 64)
+    assert len(written) == 1 and written[0].shape == (2, 21, 3, 4, 16) and written[0].data_ptr() == g.data_ptr()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+    assert [(r.op, r.backend, r.phase) for r in rec] == [("attention", "triton", "fwd"), ("attention", "triton", "bwd")]
+
+
+@pytest.mark.parametrize("backend", PACKED)
+def test_packed_contract(backend):
+    """The op contract, for the packed entry: empty input (no launch), float64 (raises when chosen), strided
+    qkv (a slice of a wider buffer), NaN rows, deterministic backward, bad inputs raise before dispatch."""
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    with launches() as rec:  # empty
+        qkv = _qkv(0, 7, 2, 32, dtype)
+        out = _run(backend, qkv)
+        out.sum().backward()
+    assert out.shape == (0, 2, 7, 32) and qkv.grad.shape == qkv.shape
+    assert all(r.backend == "reference" for r in rec)
+    wide = torch.randn(1, 40, 3, 3, 96, device=DEVICE).to(dtype)[..., :2, :64].requires_grad_()  # strided
+    check_oracle("attention_packed", backend, (wide,), {})
+    broadcast = torch.randn(1, 1, 1, 64, device=DEVICE).to(dtype).expand(1, 2, 40, 64)  # stride-0 dout
+    transposed = torch.randn(1, 2, 64, 40, device=DEVICE).to(dtype).transpose(-1, -2)
+    for dout in (broadcast, transposed):
+        check_oracle("attention_packed", backend, (wide,), {}, dout=dout)
+    if backend != "reference":
+        with pytest.raises(backends.BackendUnavailableError, match="float64"):
+            _run(backend, _qkv(1, 7, 2, 32, torch.float64))
+    qkv = _qkv(1, 70, 2, 64, dtype)
+    dout = torch.ones(1, 2, 70, 64, device=DEVICE, dtype=dtype)
+    runs = [torch.autograd.grad(_run(backend, qkv), qkv, dout)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    nan = _qkv(2, 20, 1, 32, dtype).detach()
+    nan[1, 5, 0, 0, 3] = float("nan")  # q[1, 0, 5, 3]: output row 5 of batch 1, and nothing else
+    expected = torch.zeros(2, 1, 20, 32, dtype=torch.bool, device=DEVICE)
+    expected[1, 0, 5] = True
+    assert torch.equal(torch.isnan(_run(backend, nan)), expected)
+    for bad, match in [(torch.randn(1, 7, 2, 2, 16), "3, H, D"), (torch.randn(7, 3, 2, 16), "5-D")]:
+        with vit_fast.set_backend(backend), pytest.raises(ValueError, match=match):
+            attention_packed(bad)
+
+
+def _run(backend: str, qkv: torch.Tensor) -> torch.Tensor:
+    with vit_fast.set_backend(backend):
+        return attention_packed(qkv)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
+def test_packed_opcheck_and_compile(backend):
+    qkv = _qkv(1, 19, 1, 80)
+    out, lse = getattr(torch.ops.vit_fast, f"attention_packed_fwd_{backend}")(qkv.detach(), 0.25)
+    torch.library.opcheck(getattr(torch.ops.vit_fast, f"attention_packed_fwd_{backend}").default, (qkv, 0.25))
+    torch.library.opcheck(getattr(torch.ops.vit_fast, f"attention_packed_bwd_{backend}").default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, 0.25))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: attention_packed(t) * 2, fullgraph=True, backend="aot_eager")
+    with vit_fast.set_backend(backend), launches() as rec:
+        got = compiled(qkv)
+        (g,) = torch.autograd.grad(got.sum(), qkv)
+    with vit_fast.set_backend("reference"):
+        ref = attention_packed_ref(qkv) * 2
+        (want,) = torch.autograd.grad(ref.sum(), qkv)
+    assert_close(got, ref, ref, name="out")
+    assert_close(g, want, want, name="dqkv")
+    assert {(r.backend, r.phase) for r in rec} == {(backend, "fwd"), (backend, "bwd")}
+
+
+@pytest.mark.parametrize(("n", "d", "useful"), [(197, 64, 0.592), (197, 80, 0.592), (257, 80, 0.645), (64, 64, 1.0)])
+def test_useful_fraction_counts_tile_and_head_dim_padding(n, d, useful):
+    assert kernels.useful_fraction(n, d, 64, 64) == pytest.approx(useful, abs=1e-3)
+    assert kernels.useful_fraction(64, 80, 64, 64) == 1.0  # 64 + 16 covers D = 80 exactly
+    assert kernels.useful_fraction(64, 72, 64, 64) == pytest.approx(72 / 80)
+
+
+def test_bench_report_notes_the_useful_fraction():
+    from vit_fast.bench.cases import OP_BENCHES
+
+    note = OP_BENCHES["attention"].note([{"B": 8, "H": 16, "N": 577, "D": 80}, {"B": 2, "H": 12, "N": 197, "D": 64}])
+    assert "N=197 D=64 59%" in note and "N=577 D=80 81%" in note
+
+
+def test_head_split_never_wider_than_padding():
+    for d in range(16, 129):
+        low, high = kernels.head_split(d)
+        assert low + high >= d and low + high <= 1 << (d - 1).bit_length() and low & (low - 1) == 0
+        assert high == 0 or (high >= 16 and high & (high - 1) == 0)
+    assert kernels.head_split(80) == (64, 16) and kernels.head_split(64) == (64, 0)
 
 
 # ---- GPU only: bf16, ViT sizes, long sequences -------------------------------------------------------------------

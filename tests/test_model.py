@@ -118,26 +118,25 @@ def test_wrong_image_size_raises():
 
 
 def test_model_runs_through_the_four_ops_with_views_of_qkv():
-    """One call per op per place; q, k, v are strided views of the qkv output (no transposed copies)."""
+    """One call per op per place; attention gets the qkv Linear's output as a (B, N, 3, H, D) view (no copy), whole:
+    its backward returns that packed gradient."""
     m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=3).eval()
-    calls = {name: 0 for name in ("patch_embed", "attention", "layer_norm", "layernorm_mlp")}
+    calls = {name: 0 for name in ("patch_embed", "attention_packed", "layer_norm", "layernorm_mlp")}
     real = {name: getattr(ops, name) for name in calls}
 
     def spy(name):
         def f(*args, **kwargs):
             calls[name] += 1
-            if name == "attention":
-                q, k, v = args
-                assert not q.is_contiguous()
-                ptrs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-                assert len(ptrs) == 1
+            if name == "attention_packed":
+                (qkv,) = args
+                assert qkv.shape[2:] == (3, 3, 64) and qkv._base is not None  # a view of the Linear's output
             return real[name](*args, **kwargs)
 
         return f
 
     with mock.patch.multiple(vit_fast.model.ops, **{name: spy(name) for name in calls}):
         m(torch.randn(2, 3, 32, 32))
-    assert calls == {"patch_embed": 1, "attention": 3, "layer_norm": 3 + 1, "layernorm_mlp": 3}
+    assert calls == {"patch_embed": 1, "attention_packed": 3, "layer_norm": 3 + 1, "layernorm_mlp": 3}
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -26,6 +26,8 @@ import vit_fast
 from vit_fast import backends
 from vit_fast.ops import (
     attention,
+    attention_packed,
+    attention_packed_ref,
     attention_ref,
     layer_norm,
     layer_norm_ref,
@@ -118,8 +120,18 @@ class Case:
     def out_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    @property
+    def entry(self) -> str:
+        """The public function under test: the op's own, or another entry point of it."""
+        return self.op
 
-ATTENTION_LAYOUTS = ("packed", "packed_sliced", "separate", "transposed")
+    def dispatch_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The op's own (args, kwargs) that the dispatcher picks on for the entry's ``args``."""
+        return args, kwargs
+
+
+# packed_entry: attention_packed on the (B, N, 3, H, D) tensor itself (sliced, as packed_sliced)
+ATTENTION_LAYOUTS = ("packed", "packed_sliced", "packed_entry", "separate", "transposed")
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,7 @@ class AttentionCase(Case):
         B, H, N, D = self.B, self.H, self.N, self.D
         if self.layout == "packed":  # the model's qkv projection output
             return [_randn(g, B, N, 3, H, D)]
-        if self.layout == "packed_sliced":  # extra heads and head-dim columns the op must skip
+        if self.layout in ("packed_sliced", "packed_entry"):  # extra heads and head-dim columns the op must skip
             return [_randn(g, B, N, 3, H + 1, D + 3)]
         if self.layout == "separate":
             return [_randn(g, B, H, N, D) for _ in range(3)]
@@ -152,6 +164,8 @@ class AttentionCase(Case):
         kwargs = {"scale": self.scale}
         if self.layout.startswith("packed"):
             qkv = leaves[0][..., : self.H, : self.D]  # (B, N, 3, H, D)
+            if self.layout == "packed_entry":
+                return (qkv,), kwargs
             return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0)), kwargs  # 3 x (B, H, N, D)
         if self.layout == "separate":
             return tuple(leaves), kwargs
@@ -160,6 +174,15 @@ class AttentionCase(Case):
     @property
     def out_shape(self) -> tuple[int, ...]:
         return (self.B, self.H, self.N, self.D)
+
+    @property
+    def entry(self) -> str:
+        return "attention_packed" if self.layout == "packed_entry" else "attention"
+
+    def dispatch_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.layout == "packed_entry":
+            return tuple(args[0].permute(2, 0, 3, 1, 4).unbind(0)), kwargs  # 3 x (B, H, N, D)
+        return args, kwargs
 
 
 ROW_LAYOUTS = ("contiguous", "rows_sliced", "cols_sliced", "transposed", "batch_transposed")
@@ -408,6 +431,7 @@ def patch_embed_cases(draw, budget: Budget) -> PatchEmbedCase:
 
 OPS: dict[str, tuple[Callable, Callable]] = {
     "attention": (attention, attention_ref),
+    "attention_packed": (attention_packed, attention_packed_ref),
     "layer_norm": (layer_norm, layer_norm_ref),
     "layernorm_mlp": (layernorm_mlp, layernorm_mlp_ref),
     "patch_embed": (patch_embed, patch_embed_ref),
@@ -423,14 +447,14 @@ def check(case: Case, backend: str) -> None:
     oracle, and the launch records show that it, not a fallback, ran: none at all for an empty batch. Where it
     refuses the inputs it must be for bf16 (the Triton interpreter's bf16 tl.dot, unless tests/conftest.py
     installed its correction), and the call must raise naming that reason."""
-    public, ref = OPS[case.op]
+    public, ref = OPS[case.entry]
     g = torch.Generator().manual_seed(case.seed + 1)
     masters = case.leaves()
     low = [m.to(case.dtype).requires_grad_() for m in masters]
     args, kwargs = case.inputs(low)
     empty = math.prod(case.out_shape) == 0 or any(t.numel() == 0 for t in low)
 
-    why = [] if empty else backends.reasons(backend, case.op, args, kwargs)
+    why = [] if empty else backends.reasons(backend, case.op, *case.dispatch_inputs(args, kwargs))
     # what the examples exercised, in --hypothesis-show-statistics
     event(f"{str(case.dtype)[6:]}, {'empty batch' if empty else 'refused' if why else 'ran'}")
     if why:
@@ -503,6 +527,7 @@ def test_attention_reference_slow(case):
 @example(case=AttentionCase(F16, 1, B=0, H=2, N=7, D=64))
 @example(case=AttentionCase(F16, 2, B=1, H=1, N=50, D=80, layout="packed_sliced"))
 @example(case=AttentionCase(torch.bfloat16, 3, B=1, H=1, N=7, D=64))
+@example(case=AttentionCase(F32, 6, B=1, H=2, N=40, D=80, layout="packed_entry"))
 def test_attention_triton(case):
     check(case, "triton")
 

@@ -139,12 +139,15 @@ class Impl:
 @dataclass
 class OpInfo:
     """What the dispatcher knows of an op: how to read its inputs' facts, example inputs for :func:`explain`,
-    the shape bucket a policy measures it in, and its implementations by backend."""
+    the shape bucket a policy measures it in, and its implementations by backend. ``variants``: other entry points
+    of the same computation (attention on a packed qkv tensor), by name then backend; the op's own limits, policy
+    and pick choose the backend for them."""
 
     facts: Callable[..., Facts]
     example: Callable[[torch.dtype], tuple[tuple, dict]]
     bucket: Callable[..., tuple[int, ...]]
     impls: dict[str, Impl] = field(default_factory=dict)
+    variants: dict[str, dict[str, Callable]] = field(default_factory=dict)
 
 
 _OPS: dict[str, OpInfo] = {}
@@ -198,6 +201,12 @@ def register(op: str, backend: str, fn: Callable | None, limits: Limits) -> None
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}; got {backend!r}")
     _OPS[op].impls[backend] = Impl(fn, limits)
+
+
+def register_variant(op: str, variant: str, backend: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op``'s entry point ``variant`` (``reference`` for the
+    reference): called where :func:`dispatch_variant` picks ``backend`` for ``op``."""
+    _OPS[op].variants.setdefault(variant, {})[backend] = fn
 
 
 def mark_unavailable(backend: str, why: str) -> None:
@@ -445,8 +454,7 @@ def trace() -> Iterator[list[Launch]]:
         _recorders.remove(launches)
 
 
-def dispatch(op: str, *args, **kwargs):
-    """Run ``op`` on its chosen implementation: what every public op calls."""
+def _choose(op: str, args: Sequence, kwargs: dict) -> Pick:
     try:
         chosen = pick(op, args, kwargs, full=bool(_explainers))
     except BackendUnavailableError:
@@ -459,7 +467,19 @@ def dispatch(op: str, *args, **kwargs):
         observe(chosen)
     if chosen.backend == "reference":
         record(op, "reference", "fwd")
-    return chosen.fn(*args, **kwargs)
+    return chosen
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on its chosen implementation: what every public op calls."""
+    return _choose(op, args, kwargs).fn(*args, **kwargs)
+
+
+def dispatch_variant(op: str, variant: str, pick_args: Sequence, pick_kwargs: dict, *args, **kwargs):
+    """Run ``op``'s entry point ``variant`` on ``args``: the backend is the one :func:`dispatch` would choose for
+    ``op`` on ``pick_args`` and ``pick_kwargs`` (the op's own arguments, the same computation)."""
+    chosen = _choose(op, pick_args, pick_kwargs).backend
+    return _OPS[op].variants[variant]["reference" if chosen == RAISES else chosen](*args, **kwargs)
 
 
 @contextlib.contextmanager

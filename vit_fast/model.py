@@ -37,12 +37,12 @@ def _leaf(name: str):
     return call
 
 
-_patch_embed, _layer_norm, _attention, _layernorm_mlp = (
-    _leaf(n) for n in ("patch_embed", "layer_norm", "attention", "layernorm_mlp")
+_patch_embed, _layer_norm, _attention_packed, _layernorm_mlp = (
+    _leaf(n) for n in ("patch_embed", "layer_norm", "attention_packed", "layernorm_mlp")
 )
 torch.fx.wrap("_patch_embed")
 torch.fx.wrap("_layer_norm")
-torch.fx.wrap("_attention")
+torch.fx.wrap("_attention_packed")
 torch.fx.wrap("_layernorm_mlp")
 
 
@@ -153,8 +153,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, E = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), strided views: no copy
-        o = _attention(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+        # the packed entry point: its gradient is the qkv Linear's output gradient, written whole by the backward
+        o = _attention_packed(qkv, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         o = o.transpose(1, 2).reshape(B, N, E)  # (B, N, H*D); a view when o's memory is (B, N, H, D)
         return self.proj_drop(self.proj(o))
 

@@ -158,6 +158,10 @@ class OpBench:
         """(name, module that must be importable, factory of a function with the op's signature)."""
         return []
 
+    def note(self, shapes: list[dict[str, int]]) -> str | None:
+        """A line for the op's section of the report about the measured ``shapes`` (None: nothing to add)."""
+        return None
+
     def label(self, shape: dict[str, int]) -> str:
         return " ".join(f"{k}{shape[k]}" for k in self.shape_keys)
 
@@ -208,6 +212,19 @@ class AttentionBench(OpBench):
         # forward reads q, k, v and writes o; the backward at least reads q, k, v, dO and writes dq, dk, dv.
         t = shape["B"] * shape["H"] * shape["N"] * shape["D"] * elem
         return 4 * t if mode == "fwd" else 11 * t
+
+    def note(self, shapes: list[dict[str, int]]) -> str | None:
+        # Tiles cover N in blocks and D in power-of-two parts: the rest of each tile is masked work. 64 x 64 is the
+        # smallest forward tile the autotuner tries: the fraction is an upper bound for the configs it picks.
+        try:
+            from vit_fast.kernels.attention import useful_fraction
+        except ImportError:
+            return None
+        pairs = sorted({(s["N"], s["D"]) for s in shapes})
+        if not pairs:
+            return None
+        cells = ", ".join(f"N={n} D={d} {useful_fraction(n, d, 64, 64):.0%}" for n, d in pairs)
+        return f"Useful score-matrix work of the Triton kernels (useful / computed entries, 64 x 64 tiles): {cells}."
 
     def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
         from torch.nn.attention import SDPBackend, sdpa_kernel

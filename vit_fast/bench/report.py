@@ -127,6 +127,9 @@ def render_report(results: dict) -> str:
                             [(r["mode"], r["dtype"], r["shape_label"], r["provider"],
                               f"{r['median_ms']:.4g} ({r['spread']:.0%})", *metric(r), fmt(r.get("compile_s"), ".1f"),
                               fmt(r["speedup"], ".2f")) for r in mine]))
+        note = OP_BENCHES[name].note([r["shape"] for r in mine])
+        if note:
+            out += ["", note]
     not_run: dict[tuple, int] = {}
     for r in rows:
         if r["status"] != "ok":

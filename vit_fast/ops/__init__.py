@@ -6,7 +6,12 @@ The quantized-inference ops (``quantize_rows``, ``layer_norm_fp8``, ``scaled_lin
 dispatcher's registry is data fixed when vit_fast is imported, not changed by the first :func:`vit_fast.quantize`.
 """
 
-from vit_fast.ops.attention import attention, attention_ref  # noqa: I001 - the model's ops first: the registry's order
+from vit_fast.ops.attention import (  # noqa: I001 - the model's ops first: the registry's order
+    attention,
+    attention_packed,
+    attention_packed_ref,
+    attention_ref,
+)
 from vit_fast.ops.layer_norm import layer_norm, layer_norm_ref
 from vit_fast.ops.layernorm_mlp import layernorm_mlp, layernorm_mlp_ref
 from vit_fast.ops.patch_embed import patch_embed, patch_embed_ref
@@ -16,6 +21,8 @@ from vit_fast.ops import scaled_linear
 
 __all__ = [
     "attention",
+    "attention_packed",
+    "attention_packed_ref",
     "attention_ref",
     "layer_norm",
     "layer_norm_ref",

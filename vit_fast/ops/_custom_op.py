@@ -36,6 +36,9 @@ class KernelOp:
     setup_context: Callable
     backward: Callable[[Callable], Callable]  # backward op -> autograd backward(ctx, *grads)
     public: Callable[[Callable], Callable]  # forward op -> the op's public signature
+    # The dispatcher op this is another entry point of (attention_packed of attention): registered as its
+    # variant (backends.register_variant), under the op's limits, and recorded in launches as that op.
+    variant_of: str | None = None
 
 
 def _recorded(fn: Callable, op: str, backend: str, phase: str) -> Callable:
@@ -55,14 +58,16 @@ def register_backend(spec: KernelOp, backend: str, limits: backends.Limits, *, f
     registered: they still explain what the backend could run).
     """
     fwd_name, bwd_name = f"{spec.name}_fwd_{backend}", f"{spec.name}_bwd_{backend}"
+    op = spec.variant_of or spec.name
     defined_here = fwd is not None
     if defined_here:
         for name, schema, launch, phase in ((fwd_name, spec.fwd_schema, fwd, "fwd"),
                                             (bwd_name, spec.bwd_schema, bwd, "bwd")):
-            torch.library.custom_op(f"vit_fast::{name}", _recorded(launch, spec.name, backend, phase),
+            torch.library.custom_op(f"vit_fast::{name}", _recorded(launch, op, backend, phase),
                                     mutates_args=(), schema=schema)
     elif not hasattr(torch.ops.vit_fast, fwd_name):
-        backends.register(spec.name, backend, None, limits)
+        if spec.variant_of is None:
+            backends.register(spec.name, backend, None, limits)
         return False
     # _stacklevel=2: the fakes belong to the op's module (the caller), which csrc/ops.cpp names with
     # set_python_module; torch checks the two agree for ops the extension defines.
@@ -72,10 +77,13 @@ def register_backend(spec: KernelOp, backend: str, limits: backends.Limits, *, f
     backward = spec.backward(bwd_op)
     public = spec.public(fwd_op)
     if not defined_here:  # C++ ops cannot record themselves: record where Python calls them
-        backward = _recorded(backward, spec.name, backend, "bwd")
-        public = _recorded(public, spec.name, backend, "fwd")
+        backward = _recorded(backward, op, backend, "bwd")
+        public = _recorded(public, op, backend, "fwd")
     torch.library.register_autograd(f"vit_fast::{fwd_name}", backward, setup_context=spec.setup_context)
-    backends.register(spec.name, backend, public, limits)
+    if spec.variant_of is None:
+        backends.register(spec.name, backend, public, limits)
+    else:
+        backends.register_variant(spec.variant_of, spec.name, backend, public)
     return True
 
 

@@ -1,4 +1,9 @@
-"""Attention: softmax(q k^T * scale) v over (B, H, N, D) tensors, non-causal, no mask."""
+"""Attention: softmax(q k^T * scale) v over (B, H, N, D) tensors, non-causal, no mask.
+
+Two entry points of one dispatcher op: :func:`attention` on q, k, v, and :func:`attention_packed` on the packed
+(B, N, 3, H, D) projection the model makes. The second has custom ops of its own whose backward returns the packed
+gradient: the Triton kernels write dq, dk, dv into its slices, so the model's autograd graph holds no
+stack/cat/copy of three gradients. Both take the backend :mod:`vit_fast.backends` picks for ``attention``."""
 
 from __future__ import annotations
 
@@ -138,12 +143,113 @@ ATTENTION = KernelOp(
     "attention", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
 )
 
+TRITON_LIMITS = Limits(devices=("cuda", "cpu"), head_dims=range(16, 129), auto_gemm_dtypes=HALF)
+CUDA_LIMITS = Limits(head_dims=(64, 80, 128), gemm_dtypes=HALF)  # the head dims the C++ kernels are instantiated for
 if _kernels is not None:
-    register_backend(ATTENTION, "triton", Limits(devices=("cuda", "cpu"), head_dims=range(16, 129),
-                                                 auto_gemm_dtypes=HALF),
-                     fwd=_kernels.attention_fwd, bwd=_kernels.attention_bwd)
-# the head dims the CUDA tensor-core kernels are instantiated for
-register_backend(ATTENTION, "cuda", Limits(head_dims=(64, 80, 128), gemm_dtypes=HALF))
+    register_backend(ATTENTION, "triton", TRITON_LIMITS, fwd=_kernels.attention_fwd, bwd=_kernels.attention_bwd)
+register_backend(ATTENTION, "cuda", CUDA_LIMITS)
+
+
+# ---- the packed entry point: forward (qkv, scale) -> (out, lse), backward -> dqkv --------------------------------
+#
+# qkv is (B, N, 3, H, D), any strides; out and lse as above; dqkv (B, N, 3, H, D) contiguous, the gradient of qkv
+# itself (the three unbind views' gradients are never stacked).
+
+PACKED_FWD_SCHEMA = "(Tensor qkv, float scale) -> (Tensor, Tensor)"
+PACKED_BWD_SCHEMA = "(Tensor dout, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor"
+
+
+def unpack_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, D) views of a packed (B, N, 3, H, D) tensor: no copy."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+    return q, k, v
+
+
+def attention_packed_ref(qkv: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0,
+                         upcast: bool = False) -> torch.Tensor:
+    """:func:`attention_ref` of the q, k, v views of ``qkv`` (B, N, 3, H, D)."""
+    return attention_ref(*unpack_qkv(qkv), scale=scale, dropout_p=dropout_p, upcast=upcast)
+
+
+def _packed_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    qkv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward_for(bwd_op):
+    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
+        qkv, out, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return bwd_op(dout, qkv, out, lse, ctx.scale), None
+
+    return backward
+
+
+def _packed_public_for(fwd_op):
+    def run(qkv: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        qkv = qkv.to(_checks.matmul_dtype(qkv))  # custom ops do not see autocast: cast as it would for SDPA
+        out, _lse = fwd_op(qkv, float(qkv.shape[-1] ** -0.5 if scale is None else scale))
+        return out
+
+    return run
+
+
+def _packed_fwd_fake(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_fake(*unpack_qkv(qkv), scale)
+
+
+def _packed_bwd_fake(dout, qkv, out, lse, scale) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape)  # (B, N, 3, H, D), contiguous
+
+
+ATTENTION_PACKED = KernelOp(
+    "attention_packed", PACKED_FWD_SCHEMA, PACKED_BWD_SCHEMA, _packed_fwd_fake, _packed_bwd_fake,
+    _packed_setup_context, _packed_backward_for, _packed_public_for, variant_of="attention",
+)
+backends.register_variant("attention", "attention_packed", "reference", attention_packed_ref)
+if _kernels is not None:
+    register_backend(ATTENTION_PACKED, "triton", TRITON_LIMITS, fwd=_kernels.attention_fwd_packed,
+                     bwd=_kernels.attention_bwd_packed)
+
+
+def _cuda_packed_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.vit_fast.attention_fwd_cuda(*unpack_qkv(qkv), scale)
+
+
+def _cuda_packed_bwd(dout, qkv, out, lse, scale) -> torch.Tensor:
+    # The C++ backward writes three buffers: packing them is the one copy this backend still makes.
+    dq, dk, dv = torch.ops.vit_fast.attention_bwd_cuda(dout, *unpack_qkv(qkv), out, lse, scale)
+    return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)  # (B, N, 3, H, D)
+
+
+if "cuda" in backends.implemented("attention"):  # the C++ ops are there
+    register_backend(ATTENTION_PACKED, "cuda", CUDA_LIMITS, fwd=_cuda_packed_fwd, bwd=_cuda_packed_bwd)
+
+
+def attention_packed(qkv: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of the packed projection the model makes, non-causal, no mask.
+
+    Args:
+        qkv: (B, N, 3, H, D), any strides: q, k, v = ``qkv[:, :, i].transpose(1, 2)`` for i = 0, 1, 2 (the qkv
+            Linear's (B, N, 3 * H * D) output viewed so).
+        scale: multiplies q k^T; defaults to D ** -0.5.
+        dropout_p: attention-probability dropout (training only; the fused kernels take 0).
+
+    Returns:
+        (B, H, N, D), as :func:`attention` of those q, k, v, from the backend it would pick. The gradient of
+        ``qkv`` comes back as one (B, N, 3, H, D) tensor (written in place by the Triton kernels).
+    """
+    _checks.tensor("qkv", qkv, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D); got {_checks.describe(qkv)}")
+    q, k, v = unpack_qkv(qkv)
+    _validate(q, k, v, scale, dropout_p)
+    kwargs = {"scale": scale, "dropout_p": dropout_p}
+    return backends.dispatch_variant("attention", "attention_packed", (q, k, v), kwargs, qkv, **kwargs)
 
 
 def attention(
