@@ -512,6 +512,22 @@ def _scaled_linear_strided(dtype: torch.dtype, device: str) -> Inputs:
     return (_column_slice(x_q), _every_other(x_scale), _transposed(weight_q), _every_other(weight_scale), bias), kw
 
 
+def _gemm_close(out: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Another FP8 GEMM kernel than the reference's: the same e4m3 products (exact in fp32), summed in another
+    order, so fp32 results agree to a few fp32 roundings of the largest output, not bit for bit."""
+    assert out.dtype == want.dtype, f"{name}: dtype {out.dtype}, the reference's {want.dtype}"
+    big = want.abs().nan_to_num().max().item() if want.numel() else 0.0
+    rtol = {torch.float32: 1e-5}.get(out.dtype)
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=rtol, atol=None if rtol is None else rtol * big,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _scaled_linear_grouped(dtype: torch.dtype, device: str) -> Inputs:
+    """One activation scale per row and group of 16 columns, as attention_fp8 emits one per (token, head)."""
+    (x_q, _, weight_q, weight_scale, bias), kw = scaled_linear_inputs(5, 64, 16, dtype, device=device)
+    return (x_q, torch.rand(5, 4, device=device) + 0.5, weight_q, weight_scale, bias), kw
+
+
 def _scaled_linear_bad() -> list:
     good, kw = scaled_linear_inputs(3, 16, 16, device="cpu")
     x_q, x_scale, w_q, w_scale, b = good
@@ -521,6 +537,7 @@ def _scaled_linear_bad() -> list:
         (0, x_q[0], ValueError, "x_q must be 2-D"),
         (1, x_scale[:-1], ValueError, "x_scale must have shape"),
         (1, x_scale.double(), TypeError, "x_scale must be float32"),
+        (1, x_scale[:, None].expand(3, 3).contiguous(), ValueError, "groups of a multiple of 16 columns"),
         (2, w_q.view(torch.int8), TypeError, "weight_q must be a floating-point"),
         (2, w_q[:, :8], ValueError, "weight_q must have shape"),
         (3, w_scale[:-1], ValueError, "weight_scale must have shape"),
@@ -535,14 +552,67 @@ def _scaled_linear_bad() -> list:
 SCALED_LINEAR = Case(
     small=_SL_SMALL,
     empty=(lambda dt, dev: scaled_linear_inputs(0, 32, 16, dt, device=dev),),
-    strided=(_scaled_linear_strided,),
+    strided=(_scaled_linear_strided, _scaled_linear_grouped),
     deterministic=_SL_SMALL,
     nan=tuple((w, _scaled_linear_nan(w)) for w in ("x_q", "weight_scale")),
     requested=(),
-    opcheck=None,
+    opcheck=_fp8_opcheck("scaled_linear", _SL_SMALL),
     bad=_scaled_linear_bad,
     no_backward=_INFERENCE_ONLY,
-    close=_tensor_close,  # float64 is out_dtype (and the bias): the reference's _scaled_mm runs it
+    close=_gemm_close,
+)
+
+
+def _attention_fp8_inputs(B: int, H: int, N: int, D: int, dtype: torch.dtype, device: str, **kwargs) -> Inputs:
+    """q, k, v views of one packed qkv, as attention's, but not requiring grad: the op is inference only."""
+    return leaves(attention_inputs(B, H, N, D, dtype, device, **kwargs), grad=False)
+
+
+_AF_SMALL = (lambda dt, dev: _attention_fp8_inputs(2, 3, 37, 32, dt, dev, scale=0.2))
+
+
+def _attention_fp8_close(out: tuple, want: tuple, name: str) -> None:
+    """(e4m3 (B*N, H*D), scale (B*N, H)) as rows of D values with one scale each, checked as
+    :func:`_fp8_rows_close` checks rows. A kernel quantizes its fp32 attention output, the reference the output
+    rounded to the input dtype: in half precision the scales differ by up to that rounding (bf16's 2^-8)."""
+    (q, scale), (wq, wscale) = out, want
+    assert (q.dtype, scale.dtype, q.shape, scale.shape) == (wq.dtype, wscale.dtype, wq.shape, wscale.shape), name
+    torch.testing.assert_close(scale, wscale, rtol=2**-7, atol=1e-12, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    d = q.shape[1] // max(scale.shape[1], 1)
+    deq = q.float().view(-1, d) * scale.reshape(-1, 1)
+    wdeq = wq.float().view(-1, d) * wscale.reshape(-1, 1)
+    assert torch.equal(deq.isnan(), wdeq.isnan()), f"{name}: NaNs where the reference has none (or none where)"
+    step = wdeq.abs().nan_to_num().amax(dim=1, keepdim=True) * (2**-3 + 2**-7) + 1e-6
+    assert ((deq - wdeq).abs().nan_to_num() <= step).all(), f"{name}: q * scale off the reference by over a step"
+
+
+def _attention_fp8_nan(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN in q at (b=1, h=2, n=5): that token's head-2 row and its scale are NaN, nothing else."""
+    q = args[0]
+    B, H, N, D = q.shape
+    q[1, 2, 5, 3] = float("nan")
+    rows = torch.zeros(B * N, H, dtype=torch.bool, device=q.device)
+    rows[1 * N + 5, 2] = True
+    return rows.repeat_interleave(D, dim=1), rows
+
+
+def _attention_fp8_bad() -> list:
+    return [case for case in _attention_bad() if "dropout_p" not in case[1]]
+
+
+ATTENTION_FP8 = Case(
+    small=_AF_SMALL,
+    empty=(lambda dt, dev: _attention_fp8_inputs(0, 3, 7, 32, dt, dev, scale=0.2),),
+    strided=(lambda dt, dev: (tuple(t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                                    for t in _AF_SMALL(dt, dev)[0]), {"scale": 0.2}),
+             lambda dt, dev: _attention_fp8_inputs(1, 2, 9, 80, dt, dev, scale=None)),
+    deterministic=_AF_SMALL,
+    nan=(("q", _attention_fp8_nan),),
+    requested=(),
+    opcheck=_fp8_opcheck("attention_fp8", _AF_SMALL),
+    bad=_attention_fp8_bad,
+    no_backward=_INFERENCE_ONLY,
+    close=_attention_fp8_close,
 )
 
 
@@ -585,7 +655,7 @@ INT8_LINEAR = Case(
 
 CASES = {"attention": ATTENTION, "layer_norm": LAYER_NORM, "layernorm_mlp": LAYERNORM_MLP, "patch_embed": PATCH_EMBED,
          "quantize_rows": QUANTIZE_ROWS, "layer_norm_fp8": LAYER_NORM_FP8, "scaled_linear": SCALED_LINEAR,
-         "int8_linear": INT8_LINEAR}
+         "int8_linear": INT8_LINEAR, "attention_fp8": ATTENTION_FP8}
 OPS = list(CASES)
 BACKENDS = backend_params("reference", "triton", "cuda")
 KERNELS = backend_params(*KERNEL_BACKENDS)
@@ -703,6 +773,7 @@ def test_float64_raises_when_chosen_and_auto_uses_the_reference(op, backend):
 
 # ---- 3. opcheck --------------------------------------------------------------------------------------------------
 
+ALL_TEST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 _GRAD_SAFE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
@@ -712,7 +783,10 @@ def test_opcheck_custom_ops(op, backend):
     dtype = _dtype_for(op, backend)
     for name, args in CASES[op].opcheck(backend, dtype, DEVICE):
         custom = getattr(torch.ops.vit_fast, name).default
-        if f"{op}_bwd_" not in name and dtype != torch.float32:
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args):
+            # opcheck's schema check multiplies the inputs to detect mutation, and e4m3 has no arithmetic on CPU
+            torch.library.opcheck(custom, args, test_utils=[u for u in ALL_TEST_UTILS if u != "test_schema"])
+        elif f"{op}_bwd_" not in name and dtype != torch.float32:
             # aot_dispatch compares gradients across two traced runs at fp32 tolerances: half-precision
             # gradients are checked through autograd's registration here and numerically by check_oracle
             torch.library.opcheck(custom, args, test_utils=_GRAD_SAFE_UTILS)

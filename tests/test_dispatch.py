@@ -16,7 +16,7 @@ from vit_fast.backends import BackendUnavailableError
 
 # The ops the model calls; the registry also holds the quantized-inference ops, which quantized models call.
 MODEL_OPS = {"attention", "layer_norm", "layernorm_mlp", "patch_embed"}
-QUANTIZED_OPS = {"quantize_rows", "layer_norm_fp8", "scaled_linear", "int8_linear"}
+QUANTIZED_OPS = {"quantize_rows", "layer_norm_fp8", "scaled_linear", "int8_linear", "attention_fp8"}
 
 
 def _qkv(dtype=torch.float32):

@@ -28,18 +28,19 @@ from vit_fast.backends import Facts
 attention = pytest.importorskip("vit_fast.kernels.attention")
 layer_norm = pytest.importorskip("vit_fast.kernels.layer_norm")
 layernorm_mlp = pytest.importorskip("vit_fast.kernels.layernorm_mlp")
+gemm = pytest.importorskip("vit_fast.kernels.gemm")
 patch_embed = pytest.importorskip("vit_fast.kernels.patch_embed")
 
 LAUNCHERS = {
     attention: ("attention_fwd", "attention_bwd"),
-    layer_norm: ("layer_norm_fwd", "layer_norm_bwd"),
+    layer_norm: ("layer_norm_fwd", "layer_norm_apply", "layer_norm_bwd"),
     layernorm_mlp: ("layernorm_mlp_fwd", "layernorm_mlp_bwd"),
     patch_embed: ("patch_embed_fwd", "patch_embed_bwd"),
 }
 LAUNCHERS_OPS = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
 AUTOTUNED = [attention._attention_fwd_tuned, attention._attention_bwd_dkdv_tuned, attention._attention_bwd_dq_tuned,
              layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
-             layernorm_mlp._layernorm_mlp_gemm_tuned, patch_embed._patch_embed_fwd_kernel,
+             gemm._gemm_tuned, patch_embed._patch_embed_fwd_kernel,
              patch_embed._patch_embed_bwd_weight_kernel, patch_embed._patch_embed_bwd_images_kernel]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -155,10 +156,10 @@ def test_tuning_keys_never_hold_a_row_count():
 def test_gemm_tuning_key_buckets_the_rows(monkeypatch):
     """layernorm_mlp's GEMM keys on the next power of two of M = B * N: 50 and 60 rows share a tuned config."""
     seen = []
-    monkeypatch.setattr(layernorm_mlp, "launch", lambda tuned, grid, args, kw, **_: seen.append((tuned, args, kw)))
+    monkeypatch.setattr(gemm, "launch", lambda tuned, grid, args, kw, **_: seen.append((tuned, args, kw)))
     for m in (50, 60, 70):
-        a, b = torch.randn(m, 32), torch.randn(48, 32)
-        layernorm_mlp._gemm(a, b, torch.empty(m, 48))
+        a, b = torch.randn(m, 32), torch.randn(32, 48)
+        gemm.gemm(a, b, torch.empty(m, 48))
     keys = [kernels._tuning_key(t, {**dict(zip(t.arg_names, a, strict=False)), **kw}) for t, a, kw in seen]
     assert keys[0] == keys[1] != keys[2]
 
@@ -186,15 +187,30 @@ def test_attention_budget_is_the_devices(monkeypatch, optin):
 
 
 def test_gemm_budget_counts_each_operands_dtype(monkeypatch):
-    """An fp32 x (the LayerNorm prologue loads it as is) next to bf16 weights: the A tile costs 4 bytes per element,
-    the B tile 2. A budget between the per-operand sum and the old max-dtype estimate keeps the config."""
-    cfg = layernorm_mlp._GEMM_CONFIGS[1]  # 128 x 128 x 64, 3 stages
+    """An fp32 A tile next to a bf16 B tile costs 4 bytes per A element and 2 per B element. A budget between the
+    per-operand sum and the max-dtype estimate keeps the config."""
+    cfg = gemm.CONFIGS[3]  # 128 x 128 x 64, 3 stages
     bm, bn, bk, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_stages
     exact, by_max = (bm * 4 + bn * 2) * bk * st, (bm + bn) * 4 * bk * st
     monkeypatch.setattr(kernels, "_smem_optin", lambda index: (exact + by_max) // 2)
     named = {"a_ptr": _on_gpu(torch.float32), "b_ptr": _on_gpu(torch.bfloat16), "M": 4096, "N": 3072}
-    kept = layernorm_mlp._prune_gemm_configs(layernorm_mlp._GEMM_CONFIGS, named)
-    assert cfg in kept and layernorm_mlp._GEMM_CONFIGS[0] not in kept  # 128 x 256 x 64 needs more
+    kept = gemm.prune_configs(gemm.CONFIGS, named)
+    assert cfg in kept and gemm.CONFIGS[0] not in kept  # 128 x 256 x 64 needs more
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_keeps_hoppers_large_tiles_for_16_bit_operands(monkeypatch, dtype):
+    """On an H100/H200 (227 KiB) the 16-bit GEMMs (autocast included: LayerNorm writes its output in the GEMM
+    dtype) keep the 128 x 256 and 256 x 128 tiles, and the fixed config is the first of them; a 99 KiB budget
+    drops them."""
+    named = {"a_ptr": _on_gpu(dtype), "b_ptr": _on_gpu(dtype), "M": 64 * 197, "N": 3072}
+    monkeypatch.setattr(kernels, "_smem_optin", lambda index: 227 * 1024)
+    kept = gemm.prune_configs(gemm.CONFIGS, named)
+    big = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept[:2]]
+    assert big == [(128, 256), (256, 128)]
+    monkeypatch.setattr(kernels, "_smem_optin", lambda index: 99 * 1024)
+    kept = gemm.prune_configs(gemm.CONFIGS, named)
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in kept)
 
 
 @pytest.mark.parametrize("tuned, a, b", [(patch_embed._patch_embed_fwd_kernel, "images_ptr", "weight_ptr"),
@@ -211,11 +227,11 @@ def test_patch_embed_budget_is_the_devices(monkeypatch, tuned, a, b):
 def test_the_fixed_gpu_config_fits_the_device(monkeypatch):
     monkeypatch.setattr(kernels, "_smem_optin", lambda index: 99 * 1024)
     args = (_on_gpu(torch.float16), _on_gpu(torch.float16))
-    tuned = layernorm_mlp._layernorm_mlp_gemm_tuned
+    tuned = gemm._gemm_tuned
     named = dict(zip(["a_ptr", "b_ptr"], args, strict=True))
     cfg = kernels.fixed_config(SimpleNamespace(arg_names=["a_ptr", "b_ptr", "M", "N"], configs=tuned.configs,
                                                early_config_prune=tuned.early_config_prune), (*args, 4096, 768), {})
-    assert cfg in layernorm_mlp._prune_gemm_configs(tuned.configs, {**named, "M": 4096, "N": 768})
+    assert cfg in gemm.prune_configs(tuned.configs, {**named, "M": 4096, "N": 768})
     assert (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * 2 * cfg.kwargs["BLOCK_K"] * cfg.num_stages <= 99 * 1024
 
 
@@ -347,25 +363,24 @@ _GEMM_COMPILE_SCRIPT = """
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vit_fast.kernels import layernorm_mlp as k
+from vit_fast.kernels import gemm as k
 
-kern = k._layernorm_mlp_gemm_tuned
+kern = k._gemm_tuned
 names = kern.fn.arg_names
-variants = [  # (A dtype, B and C dtype, flags): fc1 forward with the LayerNorm prologue, fc2, dH's GELU backward
-    ("fp32", "bf16", {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": 1, "STORE_AUX": True}),
-    ("bf16", "bf16", {"HAS_BIAS": True, "HAS_RESIDUAL": True}),
+variants = [  # (operand dtype, C dtype, flags): fc1 forward (training), fc2 with an fp32 residual, dH's GELU backward
+    ("bf16", "bf16", {"HAS_BIAS": True, "EPILOGUE": 1, "STORE_AUX": True}),
+    ("bf16", "fp32", {"HAS_BIAS": True, "HAS_RESIDUAL": True}),
     ("fp16", "fp16", {"EPILOGUE": 2, "STORE_AUX": True, "BIAS_GRAD": True}),
 ]
-for a_dt, b_dt, flags in variants:
+for op_dt, c_dt, flags in variants:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    operands = {"a_ptr": torch.empty(0, device="meta", dtype=dtypes[a_dt]),
-                "b_ptr": torch.empty(0, device="meta", dtype=dtypes[b_dt])}
-    cfg = kern.early_config_prune(kern.configs, {"M": 12608, "N": 3072, **operands})[0]
-    consts = {"LN_A": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "EPILOGUE": 0, "STORE_AUX": False,
-              "BIAS_GRAD": False, "BIAS_GRAD_ROWS": 32, "FP32_PRECISION": "ieee", **flags, **cfg.kwargs}
-    fp32 = ("dbias_ptr", "mean_ptr", "rstd_ptr")
-    sig = {n: "constexpr" if n in consts else ("*" + ("fp32" if n in fp32 else a_dt if n == "a_ptr" else b_dt))
-           if n.endswith("_ptr") else "i32" for n in names}
+    operand = torch.empty(0, device="meta", dtype=dtypes[op_dt])
+    cfg = kern.early_config_prune(kern.configs, {"M": 12608, "N": 3072, "a_ptr": operand, "b_ptr": operand})[0]
+    consts = {"HAS_BIAS": False, "HAS_RESIDUAL": False, "EPILOGUE": 0, "STORE_AUX": False, "BIAS_GRAD": False,
+              "BIAS_GRAD_ROWS": 32, "FP32_PRECISION": "ieee", **flags, **cfg.kwargs}
+    types = {"a_ptr": op_dt, "b_ptr": op_dt, "c_ptr": c_dt, "res_ptr": c_dt, "dbias_ptr": "fp32"}
+    sig = {n: "constexpr" if n in consts else "*" + types.get(n, op_dt) if n.endswith("_ptr") else "i32"
+           for n in names}
     src = ASTSource(kern.fn, sig, {(names.index(n),): v for n, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps,
                                                                     "num_stages": cfg.num_stages})

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vit_fast
 from vit_fast import backends
@@ -116,6 +118,44 @@ def test_scaled_linear_applies_row_and_channel_scales():
         q.scaled_linear(xq, xs[:-1], wq, ws, bias, out_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_scaled_linear_with_a_scale_per_row_and_head(backend):
+    """x_scale (M, G): each group of K / G columns has its own scale, as attention_fp8 emits per (token, head)."""
+    if backend not in backends.implemented("scaled_linear"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    q = _ops()
+    heads, d = 3, 32
+    x = torch.randn(13, heads, d) * torch.tensor([0.01, 1.0, 100.0])[:, None]  # heads far apart in magnitude
+    xq, xs = q.quantize_rows_ref(x.reshape(-1, d))
+    xq, xs = xq.view(13, heads * d), xs.view(13, heads)
+    w, bias = torch.randn(40, heads * d) * 0.1, torch.randn(40)
+    wq, ws = q.quantize_rows_ref(w)
+    with vit_fast.set_backend(backend), backends.trace() as launches:
+        out = q.scaled_linear(xq, xs, wq, ws, bias, out_dtype=torch.float32)
+    assert {(r.op, r.backend) for r in launches} == {("scaled_linear", backend)}
+    dequantized = (xq.float().view(13, heads, d) * xs[..., None]).view(13, -1)
+    torch.testing.assert_close(out, F.linear(dequantized, wq.float() * ws[:, None], bias), rtol=1e-5, atol=1e-4)
+    # one scale per row would have flushed the small head to zero: per head it survives
+    assert _rel(out, F.linear(x.reshape(13, -1), w, bias)) < 0.06
+
+
+def test_attention_fp8_emits_a_scale_per_token_and_head():
+    q8 = _ops()
+    if "triton" not in backends.implemented("attention_fp8"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    B, H, N, D = 2, 3, 37, 64
+    q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    want = vit_fast.ops.attention(q, k, v).transpose(1, 2).reshape(B * N, H, D)
+    for backend in ("reference", "triton"):
+        with vit_fast.set_backend(backend), backends.trace() as launches:
+            out, scale = q8.attention_fp8(q, k, v)
+        assert {(r.op, r.backend) for r in launches} == {("attention_fp8", backend)}
+        assert out.shape == (B * N, H * D) and out.dtype == torch.float8_e4m3fn and scale.shape == (B * N, H)
+        torch.testing.assert_close(scale, want.abs().amax(-1) / 448, rtol=1e-5, atol=0)
+        got = out.float().view(B * N, H, D) * scale[..., None]
+        assert ((got - want).abs() <= want.abs().amax(-1, keepdim=True) * 2**-4).all()  # half an e4m3 step
+
+
 # ---- models -------------------------------------------------------------------------------------------------------
 
 
@@ -136,6 +176,26 @@ def test_quantized_model_logits_within_bound(model_and_images, fmt, bound):
     with torch.no_grad():
         headq = quantize(m, fmt, head=True)
     assert isinstance(headq.head, (Fp8Linear, Int8Linear)) and _rel(headq(x), ref) <= bound
+
+
+def test_fp8_attention_emits_proj_input_when_kernels_run_it(model_and_images):
+    """On kernels (here the Triton interpreter) the attention kernel writes proj's e4m3 input and proj takes one
+    scale per (token, head): quantize_rows runs only for fc2's GELU. Under auto on CPU the same model goes
+    through the reference route (a quantize pass, then the row-wise GEMM), within the same bound."""
+    if "triton" not in backends.implemented("attention_fp8"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    m, x = model_and_images
+    qm = quantize(m, "fp8")
+    with torch.no_grad(), vit_fast.set_backend("triton"), backends.trace() as launches:
+        out = qm(x)
+    depth = len(qm.blocks)
+    ran = [(r.op, r.backend) for r in launches]
+    assert ran.count(("attention_fp8", "triton")) == depth and ("attention", "triton") not in ran
+    assert ran.count(("quantize_rows", "triton")) == depth  # fc2's GELU only
+    assert ran.count(("scaled_linear", "triton")) == 4 * depth
+    with torch.no_grad():
+        ref, auto = m(x), qm(x)
+    assert _rel(out, ref) <= FP8_BOUND and _rel(auto, ref) <= FP8_BOUND
 
 
 def test_fp8_layers_keep_their_weights_through_a_dtype_cast(model_and_images):
@@ -250,3 +310,37 @@ def test_eval_cli_on_a_tiny_run(tmp_path):
     assert "digits test split, 360 images" in lines[0]
     for name in ("fp32", "int8", "fp8"):
         assert any(line.split()[0] == name and "top-1" in line and "images/s" in line for line in lines[1:]), name
+
+
+# ---- the FP8 GEMM on shapes nobody picked -----------------------------------------------------------------------
+
+
+@st.composite
+def _gemm_shapes(draw):
+    groups = draw(st.sampled_from([1, 2, 3, 5]))
+    k = groups * 16 * draw(st.integers(1, 3))  # a group is a multiple of 16 columns, as cuBLASLt's K is
+    return (draw(st.integers(1, 70)), k, draw(st.integers(1, 70)), groups, draw(st.booleans()),
+            draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])), draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_gemm_shapes())
+def test_scaled_linear_triton_matches_the_dequantized_product(case):
+    """Any M and N (odd, below one tile), K in 16-column groups, with and without bias, each output dtype: the
+    Triton FP8 GEMM equals the fp64 product of the dequantized operands up to the output dtype's rounding."""
+    if "triton" not in backends.implemented("scaled_linear"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    m, k, n, groups, has_bias, out_dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = _ops()
+    xq, xs = q.quantize_rows_ref(torch.randn(m * groups, k // groups, generator=g))
+    xq, xs = xq.reshape(m, k), xs.view(m, groups).contiguous()
+    wq, ws = q.quantize_rows_ref(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g).to(out_dtype) if has_bias else None
+    with vit_fast.set_backend("triton"):
+        out = q.scaled_linear(xq, xs if groups > 1 else xs[:, 0], wq, ws, bias, out_dtype=out_dtype)
+    x64 = (xq.double().view(m, groups, -1) * xs.double()[..., None]).view(m, k)
+    want = x64 @ (wq.double() * ws.double()[:, None]).t() + (0 if bias is None else bias.double())
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    step = {torch.float32: 2**-20, torch.float16: 2**-10, torch.bfloat16: 2**-7}[out_dtype]
+    assert ((out.double() - want).abs() <= step * (want.abs() + want.abs().max())).all()

@@ -47,7 +47,9 @@ _DTYPES = ("fp16", "bf16")
 @dataclasses.dataclass
 class Variant:
     """One compilation: ``fn`` (a ``@triton.jit`` function) with ``consts`` baked in and ``types`` for the pointer
-    and float arguments (the rest are i32)."""
+    and float arguments (the rest are i32). ``aligned``: every pointer and integer argument is a multiple of 16,
+    as at the ViT shapes the variant is sized for; a launch tells Triton so, and it decides whether loads can be
+    vectorized and staged through shared memory asynchronously."""
 
     kernel: str
     dtype: str
@@ -57,6 +59,7 @@ class Variant:
     consts: dict[str, Any]
     types: dict[str, str]
     options: dict[str, int]
+    aligned: bool = False
 
 
 @dataclasses.dataclass
@@ -113,18 +116,21 @@ def _attention(quick: bool) -> Iterator[Variant]:
 
     for dt in _DTYPES:
         types = dict.fromkeys(("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ"), f"*{dt}")
-        types.update({"LSE": "*fp32", "DELTA": "*fp32", "scale": "fp32", "qk_scale": "fp32"})
+        types.update({"LSE": "*fp32", "DELTA": "*fp32", "OUT_SCALE": "*fp32", "scale": "fp32", "qk_scale": "fp32"})
         for d in _HEAD_DIMS:
-            consts = {"INPUT_PRECISION": "tf32", "HEAD_DIM": d, "BLOCK_D": 1 << (d - 1).bit_length()}
+            block_d, block_d1 = a.head_split(d)  # D = 80: 64 + 16, as the launchers pass it
+            consts = {"INPUT_PRECISION": "tf32", "HEAD_DIM": d, "BLOCK_D": block_d, "BLOCK_D1": block_d1}
             shape = f"D={d}"
-            for name, tuned in (("attention_fwd", a._attention_fwd_tuned),
-                                ("attention_bwd_dkdv", a._attention_bwd_dkdv_tuned),
-                                ("attention_bwd_dq", a._attention_bwd_dq_tuned)):
+            fp8 = {**consts, "BLOCK_D": 1 << (d - 1).bit_length(), "BLOCK_D1": 0, "OUT_FP8": True}  # one part
+            for name, tuned, extra, kinds in (
+                ("attention_fwd", a._attention_fwd_tuned, {"OUT_FP8": False, "ROUND_E4M3": False}, types),
+                ("attention_fwd_fp8", a._attention_fwd_tuned, {**fp8, "ROUND_E4M3": False},
+                 {**types, "OUT": "*fp8e4nv"}),
+                ("attention_bwd_dkdv", a._attention_bwd_dkdv_tuned, {}, types),
+                ("attention_bwd_dq", a._attention_bwd_dq_tuned, {}, types),
+            ):
                 for cfg in _kept(tuned, {"N": _TOKENS, "Q": _meta(dt)}, quick, HEAD_DIM=d):
-                    yield _tuned(name, dt, shape, tuned.fn, cfg, consts, types)
-            pre = {"BLOCK_M": 64, "HEAD_DIM": d, "BLOCK_D": consts["BLOCK_D"]}  # the launcher's fixed block
-            yield Variant("attention_bwd_preprocess", dt, shape, "64 w4", a._attention_bwd_preprocess_kernel, pre,
-                          types, {"num_warps": 4})
+                    yield _tuned(name, dt, shape, tuned.fn, cfg, {**consts, **extra}, kinds)
 
 
 def _layer_norm(quick: bool) -> Iterator[Variant]:
@@ -138,8 +144,10 @@ def _layer_norm(quick: bool) -> Iterator[Variant]:
         for c in _WIDTHS:
             block_c = 1 << (c - 1).bit_length()
             for name, tuned, extra, types in (
-                ("layer_norm_fwd", k._layer_norm_fwd_kernel, {"QUANT_FP8": False, "ROUND_E4M3": False}, base),
-                ("layer_norm_fwd_fp8", k._layer_norm_fwd_kernel, {"QUANT_FP8": True, "ROUND_E4M3": False},
+                ("layer_norm_fwd", k._layer_norm_fwd_kernel,
+                 {"QUANT_FP8": False, "ROUND_E4M3": False, "STATS_IN": False}, base),
+                ("layer_norm_fwd_fp8", k._layer_norm_fwd_kernel,
+                 {"QUANT_FP8": True, "ROUND_E4M3": False, "STATS_IN": False},
                  {**base, "y_ptr": "*fp8e4nv"}),
                 ("layer_norm_bwd", k._layer_norm_bwd_kernel, {}, base),
             ):
@@ -161,42 +169,63 @@ def _quantize_rows(quick: bool) -> Iterator[Variant]:
                           k._quantize_rows_fwd_kernel, consts, types, {"num_warps": warps})
 
 
-def _layernorm_mlp(quick: bool) -> Iterator[Variant]:
-    from vit_fast.kernels import layernorm_mlp as k
+def _scaled_gemm(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import scaled_gemm as k
 
-    tuned = k._layernorm_mlp_gemm_tuned
-    off = {"LN_A": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "EPILOGUE": k.EPI_NONE, "STORE_AUX": False,
-           "BIAS_GRAD": False, "BIAS_GRAD_ROWS": k.BIAS_GRAD_ROWS, "FP32_PRECISION": "ieee"}
+    c = _WIDTHS[0]
+    types = {"X": "*fp8e4nv", "W": "*fp8e4nv", "X_SCALE": "*fp32", "W_SCALE": "*fp32", "BIAS": "*bf16", "OUT": "*bf16"}
+    # (name, N, K, scale groups): proj with one scale per (token, head) at D = 64, and a row-wise GEMM (fc1)
+    gemms = [("scaled_gemm_per_head", c, c, c // 64), ("scaled_gemm_rowwise", 4 * c, c, 1)]
+    for name, n, kk, groups in gemms[:1] if quick else gemms:
+        consts = {"GROUPS": groups, "GROUP_K": kk // groups, "HAS_BIAS": True, "BLOCK_K": k.block_k(kk // groups)}
+        for cfg in k.CONFIGS[:1] if quick else k.CONFIGS:
+            yield _tuned(name, "bf16", f"N={n} K={kk} G={groups}", k._scaled_gemm_kernel, cfg, consts, types)
+
+
+def _layernorm_mlp(quick: bool) -> Iterator[Variant]:
+    from vit_fast.kernels import gemm as g
+    from vit_fast.kernels import layer_norm as ln
+
+    tuned = g._gemm_tuned
+    off = {"HAS_BIAS": False, "HAS_RESIDUAL": False, "EPILOGUE": g.EPI_NONE, "STORE_AUX": False,
+           "BIAS_GRAD": False, "BIAS_GRAD_ROWS": g.BIAS_GRAD_ROWS, "FP32_PRECISION": "ieee"}
     for dt in _DTYPES:
         c = _WIDTHS[0]
-        # (name, A dtype, C dtype, N, K, flags): every GEMM layernorm_mlp_fwd/_bwd launches.
+        # (name, C dtype, N, K, flags): every GEMM layernorm_mlp_fwd/_bwd launches (operands in dt). An fp32 C and
+        # residual is fc2 under autocast with an fp32 residual stream. The unit strides are those of the launches
+        # (a launch specializes an integer argument equal to 1): A is row-major; B is an nn.Linear weight, seen
+        # through .t() (unit K stride) in the forward and as it is (unit N stride) in the backward.
+        fwd_strides, bwd_strides = {"stride_ak": 1, "stride_bk": 1}, {"stride_ak": 1, "stride_bn": 1}
         gemms = [
-            ("mlp_fc1_ln_gelu_train", dt, dt, 4 * c, c,
-             {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU, "STORE_AUX": True}),
-            ("mlp_fc1_ln_gelu", dt, dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU}),
-            ("mlp_fc1_ln_gelu_fp32x", "fp32", dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True, "EPILOGUE": k.EPI_GELU}),
-            ("mlp_fc1_recompute", dt, dt, 4 * c, c, {"LN_A": True, "HAS_BIAS": True}),
-            ("mlp_fc2_bias_residual", dt, dt, c, 4 * c, {"HAS_BIAS": True, "HAS_RESIDUAL": True}),
-            ("mlp_dh_gelu_bwd", dt, dt, 4 * c, c,
-             {"EPILOGUE": k.EPI_GELU_BWD, "STORE_AUX": True, "BIAS_GRAD": True}),
-            ("mlp_dln", dt, "fp32", c, 4 * c, {}),
+            ("mlp_fc1_gelu_train", dt, 4 * c, c,
+             {"HAS_BIAS": True, "EPILOGUE": g.EPI_GELU, "STORE_AUX": True, **fwd_strides}),
+            ("mlp_fc1_gelu", dt, 4 * c, c, {"HAS_BIAS": True, "EPILOGUE": g.EPI_GELU, **fwd_strides}),
+            ("mlp_fc1_recompute", dt, 4 * c, c, {"HAS_BIAS": True, **fwd_strides}),
+            ("mlp_fc2_bias_residual", dt, c, 4 * c, {"HAS_BIAS": True, "HAS_RESIDUAL": True, **fwd_strides}),
+            ("mlp_fc2_bias_residual_fp32", "fp32", c, 4 * c,
+             {"HAS_BIAS": True, "HAS_RESIDUAL": True, **fwd_strides}),
+            ("mlp_dh_gelu_bwd", dt, 4 * c, c,
+             {"EPILOGUE": g.EPI_GELU_BWD, "STORE_AUX": True, "BIAS_GRAD": True, **bwd_strides}),
+            ("mlp_dln", "fp32", c, 4 * c, bwd_strides),
         ]
-        for name, a_dt, c_dt, n, kk, flags in gemms[:1] if quick else gemms:
-            types = {"a_ptr": f"*{a_dt}", "c_ptr": f"*{c_dt}", "dbias_ptr": "*fp32", "mean_ptr": "*fp32",
-                     "rstd_ptr": "*fp32", **dict.fromkeys(("b_ptr", "bias_ptr", "res_ptr", "pre_ptr", "h_ptr",
-                                                            "ln_w_ptr", "ln_b_ptr"), f"*{dt}")}
-            named = {"M": _ROWS, "N": n, "a_ptr": _meta(a_dt), "b_ptr": _meta(dt)}
+        for name, c_dt, n, kk, flags in gemms[:1] if quick else gemms:
+            types = {"c_ptr": f"*{c_dt}", "res_ptr": f"*{c_dt}", "dbias_ptr": "*fp32",
+                     **dict.fromkeys(("a_ptr", "b_ptr", "bias_ptr", "pre_ptr", "h_ptr"), f"*{dt}")}
+            named = {"M": _ROWS, "N": n, "a_ptr": _meta(dt), "b_ptr": _meta(dt)}
             for cfg in _kept(tuned, named, quick):
-                yield _tuned(name, dt, f"N={n} K={kk}", tuned.fn, cfg, {**off, **flags}, types)
+                v = _tuned(name, dt, f"N={n} K={kk}", tuned.fn, cfg, {**off, **flags}, types)
+                yield dataclasses.replace(v, aligned=True)
+        # The LayerNorm variants layer_norm's own rows do not cover: an fp32 x (autocast) written in dt, and y
+        # rebuilt from the saved statistics in the backward.
         block_c = 1 << (c - 1).bit_length()
-        warps = k._row_warps(block_c)
-        row_types = {"x_ptr": f"*{dt}", "dy_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32",
-                     "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
-                     **dict.fromkeys(("ln_w_ptr", "ln_b_ptr", "dx_ptr", "ln_out_ptr"), f"*{dt}")}
-        yield Variant("mlp_ln_stats", dt, f"C={c}", f"{block_c} w{warps}", k._layernorm_mlp_stats_kernel,
-                      {"BLOCK_C": block_c}, row_types, {"num_warps": warps})
-        yield Variant("mlp_ln_bwd", dt, f"C={c}", f"{block_c} w{warps}", k._layernorm_mlp_bwd_kernel,
-                      {"HAS_DY": True, "STORE_LN": True, "BLOCK_C": block_c}, row_types, {"num_warps": warps})
+        fn = ln._layer_norm_fwd_kernel
+        fp32 = dict.fromkeys(("mean_ptr", "rstd_ptr", "scale_ptr"), "*fp32")
+        for name, x_dt, stats_in in (("mlp_ln_fp32x", "fp32", False), ("mlp_ln_apply", dt, True)):
+            types = {"x_ptr": f"*{x_dt}", **dict.fromkeys(("weight_ptr", "bias_ptr"), f"*{x_dt}"),
+                     "y_ptr": f"*{dt}", **fp32, "eps": "fp32"}
+            consts = {"BLOCK_C": block_c, "QUANT_FP8": False, "ROUND_E4M3": False, "STATS_IN": stats_in}
+            for cfg in _kept(fn, {}, quick, BLOCK_C=block_c):
+                yield _tuned(name, dt, f"C={c}", fn.fn, cfg, consts, types)
 
 
 def _patch_embed(quick: bool) -> Iterator[Variant]:
@@ -226,16 +255,17 @@ def _patch_embed(quick: bool) -> Iterator[Variant]:
 def variants(arch: str, quick: bool) -> list[Variant]:
     """Every Triton variant for ``arch`` (the tuning pruners see the target's shared memory per block)."""
     import vit_fast.kernels as kernels_pkg
-    from vit_fast.kernels import attention, layernorm_mlp, patch_embed
+    from vit_fast.kernels import attention, gemm, patch_embed
 
     budget = LIMITS[arch]["smem_block"] - _RESERVED_SMEM
     with mock.patch.object(attention, "smem_limit", lambda device: budget), \
-            mock.patch.object(layernorm_mlp, "smem_limit", lambda device: budget), \
+            mock.patch.object(gemm, "smem_limit", lambda device: budget), \
             mock.patch.object(patch_embed, "smem_limit", lambda device: budget), \
             mock.patch.object(kernels_pkg, "smem_limit", lambda device: budget):
-        found = [v for family in (_attention, _layer_norm, _quantize_rows, _layernorm_mlp, _patch_embed)
+        found = [v for family in (_attention, _layer_norm, _quantize_rows, _scaled_gemm, _layernorm_mlp, _patch_embed)
                  for v in family(quick)]
-    # e4m3 needs sm_89 or newer: the fp8 paths (layer_norm_fp8, quantize_rows) are never dispatched on sm_80.
+    # e4m3 needs sm_89 or newer: the fp8 paths (layer_norm_fp8, quantize_rows, attention_fwd_fp8, scaled_gemm)
+    # are never dispatched on sm_80.
     return [v for v in found if int(arch[3:]) >= 89 or "*fp8e4nv" not in v.types.values()]
 
 
@@ -294,7 +324,10 @@ def _compile_one(arch: str, quick: bool, index: int) -> Row:
     v = _WORK[key][index]
     names = v.fn.arg_names
     sig = {n: "constexpr" if n in v.consts else v.types.get(n, "i32") for n in names}
-    src = ASTSource(v.fn, sig, {(names.index(n),): val for n, val in v.consts.items()})
+    unspecialized = {names[i] if isinstance(i, int) else i for i in getattr(v.fn, "do_not_specialize", ())}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if v.aligned and n not in unspecialized and (sig[n].startswith("*") or sig[n] == "i32")}
+    src = ASTSource(v.fn, sig, {(names.index(n),): val for n, val in v.consts.items()}, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[3:]), 32), options=v.options)
     res = _resources(cuobjdump(), compiled.asm["cubin"])
     smem = compiled.metadata.shared + res["shared"]  # dynamic (Triton's pipelines) + static

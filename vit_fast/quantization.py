@@ -6,8 +6,12 @@ fp8 (CUDA compute capability >= 8.9; on CPU too, slowly, to check numerics): wei
 per output channel, activations e4m3 with one dynamic scale per token, GEMMs through ``torch._scaled_mm``
 (cuBLASLt), outputs in the model's dtype (bfloat16 on CUDA). The GEMM inputs are produced quantized: the
 LayerNorms before qkv and fc1 write e4m3 + scales (``layer_norm_fp8``), and fc1's output goes through one
-GELU-and-quantize pass (``quantize_rows(gelu=True)``). The attention output is quantized by a separate pass
-(``quantize_rows``) before proj: the attention kernels write bf16.
+GELU-and-quantize pass (``quantize_rows(gelu=True)``). The attention output leaves the attention kernel as
+e4m3 (``attention_fp8``) with one scale per (token, head), and proj runs as a GEMM with per-group activation
+scales (``scaled_linear``'s Triton kernel): each attention program sees one head of a token, so it cannot make
+the token's row-wise scale. Where the dispatcher would not run both of those on kernels (CPU under ``auto``,
+a GPU before its policy measures them), the attention output goes through one quantize pass and proj through
+cuBLASLt's row-wise FP8 GEMM instead.
 
 int8 (CPU): weights int8 per output channel (symmetric), activations quantized dynamically per call by
 PyTorch's fbgemm/x86 dynamic Linear (``torch.ops.quantized.linear_dynamic``): one scale per GEMM input
@@ -32,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_fast import ops
+from vit_fast import backends, ops
 from vit_fast.config import ViTConfig
 from vit_fast.model import Block, VisionTransformer
 
@@ -86,7 +90,7 @@ class QuantizedRows(NamedTuple):
     """An activation already quantized by the kernel that produced it: e4m3 rows with one scale per row."""
 
     q: torch.Tensor  # (M, C) float8_e4m3fn
-    scale: torch.Tensor  # (M,) float32
+    scale: torch.Tensor  # (M,) float32, or (M, G): one per row and group of C / G columns
     shape: tuple[int, ...]  # the activation's shape (..., C)
     dtype: torch.dtype  # the activation's dtype: the GEMM's output dtype
 
@@ -230,19 +234,46 @@ def _fp8_norm(norm: nn.LayerNorm) -> Fp8LayerNorm:
     return out
 
 
+def _runs_on_kernels(op: str, args: tuple, kwargs: dict, device: torch.device) -> bool:
+    """Whether the dispatcher would run ``op`` on these inputs (on ``device``) on a kernel, not the reference."""
+    try:
+        return backends.pick(op, args, kwargs, device=device, full=False).backend != "reference"
+    except backends.BackendUnavailableError:
+        return False
+
+
 class QuantizedAttention(nn.Module):
-    """qkv -> attention -> proj with quantized qkv and proj; the attention itself runs in the model's dtype."""
+    """qkv -> attention -> proj with quantized qkv and proj; the attention itself runs in the model's dtype.
+    With fp8 the attention kernel can emit proj's e4m3 input itself (see the module's docstring)."""
 
     def __init__(self, attn: nn.Module, fmt: str) -> None:
         super().__init__()
+        self.format = fmt
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.qkv = _LINEARS[fmt].from_linear(attn.qkv)
         self.proj = _LINEARS[fmt].from_linear(attn.proj)
+
+    def _fp8_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QuantizedRows | None:
+        """The attention output as proj's e4m3 input, when both its producer and the per-(token, head) scaled
+        GEMM run on kernels; None otherwise."""
+        B, H, N, D = q.shape
+        if self.format != "fp8" or D % 16 or not _runs_on_kernels("attention_fp8", (q, k, v), {"scale": self.scale}, q.device):
+            return None
+        meta = torch.empty(0, device="meta")
+        gemm = (meta.new_empty((B * N, H * D), dtype=_q().FP8), meta.new_empty((B * N, H)),
+                self.proj.weight.to("meta"), self.proj.weight_scale.to("meta"), self.proj.bias.to("meta"))
+        if not _runs_on_kernels("scaled_linear", gemm, {"out_dtype": q.dtype}, q.device):
+            return None
+        out, scale = _q().attention_fp8(q, k, v, scale=self.scale)
+        return QuantizedRows(out, scale, (B, N, H * D), q.dtype)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, N, 3E)
         B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+        rows = self._fp8_out(q, k, v)
+        if rows is not None:
+            return self.proj(rows)
         o = ops.attention(q, k, v, scale=self.scale)
         return self.proj(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, E)
 

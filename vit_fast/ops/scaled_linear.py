@@ -3,7 +3,12 @@ that produce its e4m3 input, and the CPU int8 GEMM.
 
 - ``scaled_linear``: ``y = (x_q * x_scale) @ (w_q * w_scale)^T + bias`` with e4m3 operands, per-row (token)
   activation scales and per-output-channel weight scales, through ``torch._scaled_mm`` (cuBLASLt on CUDA; it
-  also runs on CPU, slowly, which is what makes the FP8 numerics testable without a GPU).
+  also runs on CPU, slowly, which is what makes the FP8 numerics testable without a GPU). The activation may
+  instead carry one scale per row and group of columns (x_scale (M, G)): what ``attention_fp8`` emits, one
+  per (token, head). cuBLASLt has no such scaling at these group sizes: the Triton kernel runs it, and the
+  reference dequantizes and multiplies in fp32.
+- ``attention_fp8``: the attention forward leaving as the proj GEMM's e4m3 input, one scale per (token, head)
+  (Triton: the ``OUT_FP8`` variant of the attention forward kernel).
 - ``layer_norm_fp8``: LayerNorm whose output leaves as e4m3 plus one fp32 scale per row (Triton: the
   ``QUANT_FP8`` variant of the LayerNorm forward kernel).
 - ``quantize_rows``: dynamic per-row e4m3 quantization, optionally of ``gelu(x)`` (Triton: one pass).
@@ -22,6 +27,9 @@ from vit_fast import backends
 from vit_fast.backends import Facts, Limits, dtype_name
 from vit_fast.ops import _checks
 from vit_fast.ops._custom_op import triton_kernels
+from vit_fast.ops.attention import _facts as _attention_facts
+from vit_fast.ops.attention import _validate as _validate_attention
+from vit_fast.ops.attention import attention_ref
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
@@ -47,13 +55,41 @@ def layer_norm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return quantize_rows_ref(y)
 
 
+def attention_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention (B, H, N, D) in q's dtype, then each (token, head) row of D values quantized:
+    (e4m3 (B * N, H * D), fp32 scale (B * N, H)), the token-major rows the proj GEMM reads."""
+    B, H, N, D = q.shape
+    o = attention_ref(q, k, v, scale=scale)
+    out, out_scale = quantize_rows_ref(o.transpose(1, 2).reshape(B * N * H, D))
+    return out.view(B * N, H * D), out_scale.view(B * N, H)
+
+
+def _fp8_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                 weight_scale: torch.Tensor) -> torch.Tensor:
+    """``(x_q * x_scale) @ (weight_q * weight_scale)^T`` in fp32, per group of columns: the e4m3 operands go into
+    the matmul unscaled, so their products are exact (4 significant bits each, even on TF32 tensor cores) and
+    the scales apply to the fp32 partial sums."""
+    m, k = x_q.shape
+    n = weight_q.shape[0]
+    groups = x_scale.reshape(m, -1).float()  # (M, G)
+    g = groups.shape[1]
+    xg = x_q.float().view(m, g, k // g).transpose(0, 1)  # (G, M, K/G)
+    wg = weight_q.float().view(n, g, k // g).permute(1, 2, 0)  # (G, K/G, N)
+    return (torch.bmm(xg, wg) * groups.t()[..., None]).sum(0) * weight_scale.float()[None, :]
+
+
 def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None, *, out_dtype: torch.dtype, upcast: bool = False) -> torch.Tensor:
-    """The FP8 GEMM through ``torch._scaled_mm``; ``upcast=True`` dequantizes and multiplies in fp32 instead
-    (the tests' oracle for how the scales are applied)."""
-    if upcast:
-        y = (x_q.float() * x_scale[:, None]) @ (weight_q.float() * weight_scale[:, None]).t()
+    """The FP8 GEMM through ``torch._scaled_mm``. It takes the fp32 product of the e4m3 operands instead for
+    per-group activation scales (x_scale (M, G), G > 1: no cuBLASLt scaling mode has 64-column groups), for an
+    output other than bf16 on a GPU (cuBLASLt's row-wise FP8 GEMM writes bf16; fp32 only without a bias, and
+    only on some GPUs), and with ``upcast=True`` (the tests' oracle for how the scales are applied)."""
+    grouped = x_scale.dim() == 2 and x_scale.shape[1] > 1
+    if upcast or grouped or (x_q.device.type == "cuda" and out_dtype != torch.bfloat16):
+        y = _fp8_product(x_q, x_scale, weight_q, weight_scale)
         return (y if bias is None else y + bias.float()).to(out_dtype)
+    x_scale = x_scale.reshape(-1)
     # Row-wise scaling: (M, 1) for the activations, (1, N) for the weights; mat2 is column-major (w_q^T).
     # _scaled_mm takes contiguous scales only: a strided (M,) view is copied, a contiguous one is not.
     return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.contiguous().view(-1, 1),
@@ -64,9 +100,15 @@ def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.
 def int8_linear_ref(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
     """fbgemm's dynamic int8 Linear: ``x`` (M, K) float32 is quantized per call, the int8 GEMM accumulates in
     int32 and the result comes back float32 with the bias added. A row of ``x`` holding a NaN gives a NaN row,
-    as the float Linear does (fbgemm's quantizer would read the NaN as a finite int8 value)."""
+    as the float Linear does (fbgemm's quantizer would read the NaN as a finite int8 value); so does a row holding
+    both +inf and -inf, where the float Linear's sums are mostly NaN too."""
     out = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
-    return out.masked_fill(torch.isnan(x).any(-1, keepdim=True), float("nan"))
+    # One summing pass finds the NaN rows (isnan(x).any() writes and rereads an (M, K) mask), and the fresh
+    # output is patched in place only when there are some: copying it cost as much as the int8 GEMM.
+    nan_rows = torch.isnan(x.sum(-1))
+    if nan_rows.any():
+        out[nan_rows] = float("nan")
+    return out
 
 
 # ---- declarations -------------------------------------------------------------------------------------------------
@@ -101,6 +143,16 @@ def _example_scaled_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
              _meta(3 * _C, dtype=dtype)), {"out_dtype": dtype})
 
 
+def _example_attention_fp8(dtype: torch.dtype) -> tuple[tuple, dict]:
+    q = _meta(64, 12, 197, 64, dtype=dtype)  # ViT-B/16 at batch 64: (B, H, N, D)
+    return (q, q, q), {"scale": None}
+
+
+def _attention_bucket(q: torch.Tensor, *args: object, **kwargs: object) -> tuple[int, ...]:
+    B, H, N, D = q.shape
+    return D, backends.size_bucket(N), backends.size_bucket(B * H)
+
+
 def _example_int8_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
     return (_meta(_M, _C, dtype=torch.float32), None), {"reduce_range": True}
 
@@ -118,6 +170,7 @@ def _gemm_bucket(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
 backends.declare("quantize_rows", quantize_rows_ref, _width_facts, _example_quantize_rows, _rows_bucket)
 backends.declare("layer_norm_fp8", layer_norm_fp8_ref, _width_facts, _example_layer_norm_fp8, _rows_bucket)
 backends.declare("scaled_linear", scaled_linear_ref, _gemm_facts, _example_scaled_linear, _gemm_bucket)
+backends.declare("attention_fp8", attention_fp8_ref, _attention_facts, _example_attention_fp8, _attention_bucket)
 backends.declare("int8_linear", int8_linear_ref, lambda *a, **k: Facts(), _example_int8_linear, _rows_bucket)
 
 
@@ -157,6 +210,52 @@ if _ln is not None and _qr is not None:
 
     backends.register("layer_norm_fp8", "triton", _ln_public, Limits(**_FP8_LIMITS))
     backends.register("quantize_rows", "triton", _qr_public, Limits(**_FP8_LIMITS))
+
+
+_sg = triton_kernels("scaled_gemm")
+if _sg is not None:
+
+    @torch.library.custom_op("vit_fast::scaled_linear_triton", mutates_args=())
+    def _scaled_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                              weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                              out_dtype: torch.dtype) -> torch.Tensor:
+        backends.record("scaled_linear", "triton", "fwd")
+        unit = [t if t.stride(-1) == 1 else t.contiguous() for t in (x_q, weight_q)]
+        return _sg.scaled_gemm(unit[0], x_scale, unit[1], weight_scale, bias, out_dtype)
+
+    @_scaled_linear_triton.register_fake
+    def _(x_q, x_scale, weight_q, weight_scale, bias, out_dtype):  # noqa: ANN001, ANN202
+        return x_q.new_empty((x_q.shape[0], weight_q.shape[0]), dtype=out_dtype)
+
+    def _sl_public(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, *, out_dtype: torch.dtype) -> torch.Tensor:
+        return _scaled_linear_triton(x_q, x_scale, weight_q, weight_scale, bias, out_dtype)
+
+    # fp32 accumulation: no float64 output or bias
+    backends.register("scaled_linear", "triton", _sl_public,
+                      Limits(devices=("cuda", "cpu"), dtypes=(FP8, torch.float32, torch.float16, torch.bfloat16),
+                             min_capability=FP8_CAPABILITY))
+
+
+_at = triton_kernels("attention")
+if _at is not None:
+
+    @torch.library.custom_op("vit_fast::attention_fp8_triton", mutates_args=())
+    def _attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        backends.record("attention_fp8", "triton", "fwd")
+        return _at.attention_fwd_fp8(q, k, v, scale)
+
+    @_attention_fp8_triton.register_fake
+    def _(q, k, v, scale):  # noqa: ANN001, ANN202
+        B, H, N, D = q.shape
+        return (q.new_empty((B * N, H * D), dtype=FP8), q.new_empty((B * N, H), dtype=torch.float32))
+
+    def _af_public(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+        return _attention_fp8_triton(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+    backends.register("attention_fp8", "triton", _af_public,
+                      Limits(devices=("cuda", "cpu"), head_dims=range(16, 129), min_capability=FP8_CAPABILITY))
 
 
 # ---- public functions ---------------------------------------------------------------------------------------------
@@ -204,7 +303,8 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tens
     """FP8 Linear: ``(x_q * x_scale[:, None]) @ (weight_q * weight_scale[:, None])^T + bias``.
 
     Args:
-        x_q: (M, K) float8_e4m3fn; x_scale: (M,) float32.
+        x_q: (M, K) float8_e4m3fn; x_scale: (M,) float32, one scale per row, or (M, G), one per row and group
+            of K / G consecutive columns (K / G a multiple of 16).
         weight_q: (N, K) float8_e4m3fn (nn.Linear layout); weight_scale: (N,) float32.
         bias: (N,) or None. On CUDA, K and N must be multiples of 16 (cuBLASLt).
         out_dtype: the output's dtype (bfloat16 on CUDA: row-wise scaling gives bf16).
@@ -218,12 +318,35 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tens
             raise TypeError(f"{name} must be {dtype_name(dtype)}; got {_checks.describe(t)}")
     m, k = _checks.tensor("x_q", x_q, ndim=2).shape
     _checks.shape("weight_q", weight_q, (None, k), "(N, K): nn.Linear layout with K = x_q's columns")
-    _checks.shape("x_scale", x_scale, (m,), "(M,): one scale per row of x_q")
+    if x_scale.dim() == 2 and x_scale.shape[0] == m and x_scale.shape[1] > 1:
+        g = x_scale.shape[1]
+        if k % g or (k // g) % 16:
+            raise ValueError(f"x_scale (M, G) = {tuple(x_scale.shape)} needs G to divide K = {k} into groups of a "
+                             f"multiple of 16 columns")
+    else:
+        _checks.shape("x_scale", x_scale, (m,), "(M,): one scale per row of x_q, or (M, G): per group of columns")
     _checks.shape("weight_scale", weight_scale, (weight_q.shape[0],), "(N,): one scale per output channel")
     if _checks.optional("bias", bias) is not None:
         _checks.shape("bias", bias, (weight_q.shape[0],), "(N,): one per output channel")
     _checks.same_device(x_q=x_q, x_scale=x_scale, weight_q=weight_q, weight_scale=weight_scale, bias=bias)
     return backends.dispatch("scaled_linear", x_q, x_scale, weight_q, weight_scale, bias, out_dtype=out_dtype)
+
+
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention whose output leaves as the e4m3 input of the FP8 proj GEMM (inference).
+
+    Args:
+        q, k, v: (B, H, N, D), one float dtype and device, any strides (views of the qkv projection).
+        scale: multiplies q k^T; defaults to D ** -0.5.
+
+    Returns:
+        out (B * N, H * D) float8_e4m3fn, token-major, and out_scale (B * N, H) float32, one scale per
+        (token, head): ``out[t, h*D:(h+1)*D] * out_scale[t, h]`` ~= the attention output of head h at token t.
+        Pass both to :func:`scaled_linear`.
+    """
+    _validate_attention(q, k, v, scale, 0.0)
+    return backends.dispatch("attention_fp8", q, k, v, scale=scale)
 
 
 def int8_linear(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
@@ -246,5 +369,5 @@ def int8_linear(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch
     return backends.dispatch("int8_linear", x, packed, reduce_range=reduce_range)
 
 
-__all__ = ["E4M3_MAX", "FP8", "FP8_CAPABILITY", "int8_linear", "int8_linear_ref", "layer_norm_fp8",
+__all__ = ["E4M3_MAX", "FP8", "FP8_CAPABILITY", "attention_fp8", "attention_fp8_ref", "int8_linear", "int8_linear_ref", "layer_norm_fp8",
            "layer_norm_fp8_ref", "quantize_rows", "quantize_rows_ref", "scaled_linear", "scaled_linear_ref"]
