@@ -15,6 +15,8 @@ TORCH_LIBRARY(vit_fast, m) {
   m.def(
       "attention_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_packed_fwd_cuda(Tensor qkv, float scale) -> (Tensor, Tensor)");
+  m.def("attention_packed_bwd_cuda(Tensor dout, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor");
 
   m.set_python_module("vit_fast.ops.layer_norm");
   m.def("layer_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");

@@ -29,6 +29,7 @@ import vit_fast
 from vit_fast import backends
 from vit_fast.ops import (
     attention,
+    attention_packed,
     layer_norm,
     layernorm_mlp,
     layernorm_mlp_ref,
@@ -38,7 +39,8 @@ from vit_fast.tolerance import ATOL, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
-QUALNAMES = [f"vit_fast::{op}_{part}_cuda" for op in OPS for part in ("fwd", "bwd")]
+VARIANTS = {"attention_packed": "attention"}  # entry points with C++ ops of their own -> the dispatcher op
+QUALNAMES = [f"vit_fast::{op}_{part}_cuda" for op in (*OPS, *VARIANTS) for part in ("fwd", "bwd")]
 BUILT = backends.unavailable("cuda") is None
 needs_ext = pytest.mark.skipif(not BUILT, reason=f"cuda backend unavailable: {backends.unavailable('cuda')}")
 HALF = [torch.bfloat16, torch.float16]
@@ -149,11 +151,11 @@ def test_every_op_has_a_cuda_kernel_and_a_fake(qualname):
     op, part, _ = qualname.split("::")[1].rsplit("_", 2)
     if part == "fwd":
         assert has(qualname, "Autograd")
-    assert torch._C._dispatch_pystub(qualname, "")[0] == f"vit_fast.ops.{op}"
+    assert torch._C._dispatch_pystub(qualname, "")[0] == f"vit_fast.ops.{VARIANTS.get(op, op)}"
 
 
 @needs_ext
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", [*OPS, *VARIANTS])
 def test_schemas_match_the_triton_ops(op):
     if backends.unavailable("triton"):
         pytest.skip(backends.unavailable("triton"))
@@ -195,6 +197,11 @@ def test_public_ops_dispatch_to_cuda_with_fake_cuda_tensors():
             with vit_fast.set_backend("reference"):
                 ref = public(*args, **kwargs)
             assert (out.device.type, out.shape, out.dtype) == ("cuda", ref.shape, ref.dtype), name
+        qkv = torch.randn(2, 9, 3, 2, 64, device="cuda", dtype=torch.bfloat16)  # (B, N, 3, H, D)
+        with backends.trace() as rec:
+            out = attention_packed(qkv)  # the C++ packed op, no Python wrapper
+        assert [(r.op, r.backend, r.phase) for r in rec] == [("attention", "cuda", "fwd")]
+        assert out.shape == (2, 2, 9, 64) and out.stride() == (9 * 2 * 64, 64, 2 * 64, 1)
 
 
 def _meta_leaf(*shape, dtype=torch.bfloat16):
@@ -206,6 +213,7 @@ def test_autograd_rules_and_backward_fakes_on_meta_tensors():
     """The shared autograd rule registered on every C++ forward op, its backward op's fake: gradients of every
     input, with its shape and dtype (meta tensors: the autograd engine runs without a device)."""
     qkv = [_meta_leaf(2, 3, 9, 64) for _ in range(3)]
+    packed = _meta_leaf(2, 9, 3, 3, 64)  # (B, N, 3, H, D)
     x, w, b = _meta_leaf(2, 9, 32), _meta_leaf(32, dtype=torch.float32), _meta_leaf(32, dtype=torch.float32)
     mlp = [_meta_leaf(2, 9, 32, dtype=torch.float32), _meta_leaf(32, dtype=torch.float32),
            _meta_leaf(32, dtype=torch.float32), _meta_leaf(64, 32), _meta_leaf(64), _meta_leaf(32, 64),
@@ -216,6 +224,7 @@ def test_autograd_rules_and_backward_fakes_on_meta_tensors():
     ops = torch.ops.vit_fast
     cases = [
         (lambda: ops.attention_fwd_cuda(*qkv, 0.125)[0], qkv),
+        (lambda: ops.attention_packed_fwd_cuda(packed, 0.125)[0], [packed]),
         (lambda: ops.layer_norm_fwd_cuda(x, w, b, 1e-6)[0], [x, w, b]),
         (lambda: ops.layernorm_mlp_fwd_cuda(*mlp, res, 1e-6, True)[0], [*mlp, res]),
         (lambda: ops.patch_embed_fwd_cuda(images, pw, pb, cls, pos), [images, pw, pb, cls, pos]),
@@ -234,6 +243,11 @@ def test_output_layouts_match_the_triton_fakes():
     q = torch.empty(2, 3, 7, 80, **m)
     out, lse = torch.ops.vit_fast.attention_fwd_cuda(q, q, q, 0.1)
     assert out.stride() == (7 * 3 * 80, 80, 3 * 80, 1) and lse.dtype == torch.float32 and lse.shape == (2, 3, 7)
+    qkv = torch.empty(2, 7, 3, 3, 96, **m)[..., :80]  # (B, N, 3, H, D), strided
+    out, lse = torch.ops.vit_fast.attention_packed_fwd_cuda(qkv, 0.1)
+    assert out.stride() == (7 * 3 * 80, 80, 3 * 80, 1) and lse.shape == (2, 3, 7)
+    dqkv = torch.ops.vit_fast.attention_packed_bwd_cuda(out, qkv, out, lse, 0.1)
+    assert dqkv.shape == (2, 7, 3, 3, 80) and dqkv.is_contiguous()  # one gradient buffer, the kernels' slices
     x = torch.empty(4, 5, 48, **m)
     y, mean, rstd = torch.ops.vit_fast.layer_norm_fwd_cuda(x, torch.empty(48, **m), torch.empty(48, **m), 1e-6)
     assert y.shape == x.shape and mean.shape == (20,) and rstd.dtype == torch.float32
@@ -360,6 +374,30 @@ def test_attention_contiguous_transposed_and_scaled(dtype):
     base = torch.randn(2, 97, 3, 64, device="cuda", dtype=dtype)  # (B, N, H, D) memory viewed as (B, H, N, D)
     q, k, v = (base.transpose(1, 2).detach().requires_grad_() for _ in range(3))
     _check("attention", (q, k, v))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("shape", [(2, 197, 3, 64), (1, 50, 2, 80), (1, 130, 2, 128), (2, 7, 1, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_attention_packed_matches_oracle_and_the_unpacked_op(shape, dtype):
+    """The packed C++ ops: forward and the one dqkv against the fp32 oracle, and bit-identical to attention() of
+    the q, k, v views (the same kernels; only the gradient's strides differ)."""
+    from vit_fast.ops.attention import unpack_qkv
+
+    B, N, H, D = shape
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype).requires_grad_()
+    check_oracle("attention_packed", "cuda", (qkv,), {"scale": 0.3})
+    dout = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+    views = [t.detach().requires_grad_() for t in unpack_qkv(qkv.detach())]
+    with vit_fast.set_backend("cuda"):
+        out = attention_packed(qkv, scale=0.3)
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        want = attention(*views, scale=0.3)
+        grads = torch.autograd.grad(want, views, dout)
+    assert dqkv.is_contiguous() and torch.equal(out, want)
+    for got, g in zip(unpack_qkv(dqkv), grads, strict=True):
+        assert torch.equal(got, g)
 
 
 LN_SHAPES = [(2, 197, 768), (4, 257, 384), (1, 577, 1024), (3, 50, 80), (7, 33), (2, 5, 1280), (1, 3, 6144)]

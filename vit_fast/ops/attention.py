@@ -2,8 +2,8 @@
 
 Two entry points of one dispatcher op: :func:`attention` on q, k, v, and :func:`attention_packed` on the packed
 (B, N, 3, H, D) projection the model makes. The second has custom ops of its own whose backward returns the packed
-gradient: the Triton kernels write dq, dk, dv into its slices, so the model's autograd graph holds no
-stack/cat/copy of three gradients. Both take the backend :mod:`vit_fast.backends` picks for ``attention``."""
+gradient: the Triton and the CUDA kernels write dq, dk, dv into its slices, so the model's autograd graph holds
+no stack/cat/copy of three gradients. Both take the backend :mod:`vit_fast.backends` picks for ``attention``."""
 
 from __future__ import annotations
 
@@ -214,20 +214,7 @@ backends.register_variant("attention", "attention_packed", "reference", attentio
 if _kernels is not None:
     register_backend(ATTENTION_PACKED, "triton", TRITON_LIMITS, fwd=_kernels.attention_fwd_packed,
                      bwd=_kernels.attention_bwd_packed)
-
-
-def _cuda_packed_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.vit_fast.attention_fwd_cuda(*unpack_qkv(qkv), scale)
-
-
-def _cuda_packed_bwd(dout, qkv, out, lse, scale) -> torch.Tensor:
-    # The C++ backward writes three buffers: packing them is the one copy this backend still makes.
-    dq, dk, dv = torch.ops.vit_fast.attention_bwd_cuda(dout, *unpack_qkv(qkv), out, lse, scale)
-    return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)  # (B, N, 3, H, D)
-
-
-if "cuda" in backends.implemented("attention"):  # the C++ ops are there
-    register_backend(ATTENTION_PACKED, "cuda", CUDA_LIMITS, fwd=_cuda_packed_fwd, bwd=_cuda_packed_bwd)
+register_backend(ATTENTION_PACKED, "cuda", CUDA_LIMITS)
 
 
 def attention_packed(qkv: torch.Tensor, *, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
@@ -241,7 +228,7 @@ def attention_packed(qkv: torch.Tensor, *, scale: float | None = None, dropout_p
 
     Returns:
         (B, H, N, D), as :func:`attention` of those q, k, v, from the backend it would pick. The gradient of
-        ``qkv`` comes back as one (B, N, 3, H, D) tensor (written in place by the Triton kernels).
+        ``qkv`` comes back as one (B, N, 3, H, D) tensor (written in place by the Triton and CUDA kernels).
     """
     _checks.tensor("qkv", qkv, ndim=5)
     if qkv.shape[2] != 3:
