@@ -498,13 +498,21 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     B, H, N, D = q.shape
     out = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
     lse = empty((B, H, N), dtype=torch.float32, device=q.device)
+    _forward(q, k, v, out, lse, scale, **_head_consts(q))
+    return out, lse
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
+             scale: float, **consts: object) -> None:
+    """Launch the forward into the (B, H, N, D) view ``out``; ``stats`` is the logsumexp, or with OUT_FP8 the
+    per-(token, head) scales (the kernel takes both pointers and writes one)."""
+    B, H, N, _ = q.shape
     _launch(
         _attention_fwd_tuned, "BLOCK_M", B * H, N,
-        q, k, v, out, lse, lse,
+        q, k, v, out, stats, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, N, scale * LOG2E, **_head_consts(q),
+        H, N, scale * LOG2E, **consts,
     )  # fmt: skip
-    return out, lse
 
 
 @on_inputs_device
@@ -526,14 +534,9 @@ def attention_fwd_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = empty((B * N, H * D), dtype=torch.float8_e4m3fn, device=q.device)
     out_scale = empty((B * N, H), dtype=torch.float32, device=q.device)
     o = out.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view the kernel writes through
-    _launch(
-        _attention_fwd_tuned, "BLOCK_M", B * H, N,
-        q, k, v, o, out_scale, out_scale,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, scale * LOG2E,
-        INPUT_PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_D1=0,
-        OUT_FP8=True, ROUND_E4M3=interpreting(),
-    )  # fmt: skip
+    # one head-dim part: the row scale needs the whole row in one tile
+    _forward(q, k, v, o, out_scale, scale, **{**_head_consts(q), "BLOCK_D": triton.next_power_of_2(D), "BLOCK_D1": 0},
+             OUT_FP8=True, ROUND_E4M3=interpreting())
     return out, out_scale
 
 

@@ -248,7 +248,6 @@ class QuantizedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, fmt: str) -> None:
         super().__init__()
-        self.format = fmt
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.qkv = _LINEARS[fmt].from_linear(attn.qkv)
         self.proj = _LINEARS[fmt].from_linear(attn.proj)
@@ -257,10 +256,11 @@ class QuantizedAttention(nn.Module):
         """The attention output as proj's e4m3 input, when both its producer and the per-(token, head) scaled
         GEMM run on kernels; None otherwise."""
         B, H, N, D = q.shape
-        if self.format != "fp8" or D % 16 or not _runs_on_kernels("attention_fp8", (q, k, v), {"scale": self.scale}, q.device):
+        if self.proj.format != "fp8" or D % 16:
             return None
-        meta = torch.empty(0, device="meta")
-        gemm = (meta.new_empty((B * N, H * D), dtype=_q().FP8), meta.new_empty((B * N, H)),
+        if not _runs_on_kernels("attention_fp8", (q, k, v), {"scale": self.scale}, q.device):
+            return None
+        gemm = (torch.empty(B * N, H * D, dtype=_q().FP8, device="meta"), torch.empty(B * N, H, device="meta"),
                 self.proj.weight.to("meta"), self.proj.weight_scale.to("meta"), self.proj.bias.to("meta"))
         if not _runs_on_kernels("scaled_linear", gemm, {"out_dtype": q.dtype}, q.device):
             return None

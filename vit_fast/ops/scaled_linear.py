@@ -27,6 +27,7 @@ from vit_fast import backends
 from vit_fast.backends import Facts, Limits, dtype_name
 from vit_fast.ops import _checks
 from vit_fast.ops._custom_op import triton_kernels
+from vit_fast.ops.attention import _bucket as _attention_bucket
 from vit_fast.ops.attention import _facts as _attention_facts
 from vit_fast.ops.attention import _validate as _validate_attention
 from vit_fast.ops.attention import attention_ref
@@ -146,11 +147,6 @@ def _example_scaled_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
 def _example_attention_fp8(dtype: torch.dtype) -> tuple[tuple, dict]:
     q = _meta(64, 12, 197, 64, dtype=dtype)  # ViT-B/16 at batch 64: (B, H, N, D)
     return (q, q, q), {"scale": None}
-
-
-def _attention_bucket(q: torch.Tensor, *args: object, **kwargs: object) -> tuple[int, ...]:
-    B, H, N, D = q.shape
-    return D, backends.size_bucket(N), backends.size_bucket(B * H)
 
 
 def _example_int8_linear(dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -369,5 +365,6 @@ def int8_linear(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch
     return backends.dispatch("int8_linear", x, packed, reduce_range=reduce_range)
 
 
-__all__ = ["E4M3_MAX", "FP8", "FP8_CAPABILITY", "attention_fp8", "attention_fp8_ref", "int8_linear", "int8_linear_ref", "layer_norm_fp8",
-           "layer_norm_fp8_ref", "quantize_rows", "quantize_rows_ref", "scaled_linear", "scaled_linear_ref"]
+__all__ = ["E4M3_MAX", "FP8", "FP8_CAPABILITY", "attention_fp8", "attention_fp8_ref", "int8_linear", "int8_linear_ref",
+           "layer_norm_fp8", "layer_norm_fp8_ref", "quantize_rows", "quantize_rows_ref", "scaled_linear",
+           "scaled_linear_ref"]
