@@ -35,16 +35,22 @@ def attention_ref(
 
     NaN follows the formula: a NaN (or inf) in row i of q makes output row i NaN, one in any row of k makes
     every output row of that (batch, head) NaN, one in column d of a row of v makes column d of every output
-    row NaN. PyTorch's CPU flash kernel drops the NaN when there is a single key (N = 1; its math kernel
-    keeps it, and so does every other shape tried), so there a term of value zero carries it through.
+    row NaN. PyTorch's CPU flash kernel (its math kernel does not) returns finite rows for a NaN or inf in q
+    when the keys fit in its scalar tail (N below the vector width: 8 fp32 lanes on AVX2, 16 on AVX-512) and at
+    many lengths in fp16/bf16, and drops a NaN of q or k when there is a single key; there a term of value zero
+    carries it through. The term is one pass over q, about 1 % of the attention at ViT lengths in fp32, so
+    fp32 and fp64 pay it only below 32 keys.
     """
     if upcast:
         dt = upcast_dtype(q.dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    if q.device.type == "cpu" and k.shape[-2] == 1:
-        carry = q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True) + v  # (B, H, 1, D)
-        out = out + carry * 0
+    if q.device.type == "cpu":
+        n = k.shape[-2]
+        if n == 1:  # the one score decides: exp(s - s) is NaN exactly when s is not finite
+            out = out + (q * k).sum(-1, keepdim=True) * 0
+        elif n < 32 or q.dtype in (torch.float16, torch.bfloat16):
+            out = out + q.sum(-1, keepdim=True) * 0
     return out
 
 
