@@ -203,3 +203,38 @@ def test_preprocessing_comes_from_flags_then_the_run_then_pretrained_cfg():
     assert (plain.mean, plain.crop_pct, plain.interpolation) == ((0.485, 0.456, 0.406), 1.0, "bilinear")
     with pytest.raises(ValueError, match="img_size"):
         preprocess_for(model, img_size=16)
+
+
+def test_a_cnn_run_predicts_and_asking_it_for_attention_maps_names_the_flag(tmp_path, images, capsys):
+    from safetensors.torch import save_file
+
+    from vit_fast.train.models import build_model, config_of
+
+    # a run directory as `vit-fast train --model test_resnet` leaves it: the config rebuilds the small-image stem
+    model = build_model("test_resnet", num_classes=10, in_chans=1, img_size=8, drop_path=0.0, overrides={}).eval()
+    run = tmp_path / "cnn"
+    run.mkdir()
+    config = config_of(model)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, run / "model.safetensors",
+              metadata={"config": json.dumps(config), "model_family": "timm"})
+    (run / "summary.json").write_text(json.dumps({"dataset": "digits", "model": "test_resnet", "img_size": 8,
+                                                  "in_chans": 1, "num_classes": 10, "config": config}))
+    out = tmp_path / "p.jsonl"
+    common = [str(run), str(images["gray0"]), str(images["gray1"]), "--workers", "0", "--no-progress", "--top-k", "2"]
+    assert main(["predict", *common, "--out", str(out)]) == 0, capsys.readouterr().err
+    recs = _read_jsonl(out)
+    assert [t["class"] for t in recs["gray1.png"]["top"]] == _expected_top(model, images["gray1"], 2)
+    assert recs["gray1.png"]["top"][0]["label"] == str(recs["gray1.png"]["top"][0]["class"])
+
+    assert main(["predict", *common, "--attention-maps", str(tmp_path / "maps")]) == 1
+    assert "--attention-maps needs a ViT" in capsys.readouterr().err and not (tmp_path / "maps").exists()
+
+
+def test_label_names_of_the_datasets_vit_fast_train_knows():
+    from vit_fast.predict import read_labels
+
+    assert read_labels(None, {"dataset": "cifar10"}, 10)[3] == "cat"
+    cifar100 = read_labels(None, {"dataset": "cifar100"}, 100)
+    assert (cifar100[0], cifar100[1], cifar100[99]) == ("apple", "aquarium_fish", "worm")
+    assert cifar100 == sorted(set(cifar100))  # the meta file's fine labels are alphabetical
+    assert read_labels(None, {"dataset": "imagefolder"}, 3) == ["0", "1", "2"]  # no names recorded: indices

@@ -103,3 +103,23 @@ def test_vit_flops_are_the_flop_counters_matmuls_plus_attention(overrides):
 
 def test_vit_base_is_the_usual_17_6_gmacs():
     assert vit_flops(get_config("vit_base_patch16_224")) / 2e9 == pytest.approx(17.6, abs=0.05)  # timm's table
+
+
+def test_a_cnn_run_beside_a_vit_run_gets_its_parameters_and_flops_from_its_config(tmp_path, capsys):
+    from vit_fast.train.models import build_model, config_of
+
+    _fake_run(tmp_path / "vit", depth=1, epochs=1, finished=True, top1=[0.3])
+    cnn = build_model("test_resnet", num_classes=10, in_chans=1, img_size=8, drop_path=0.0, overrides={})
+    _fake_run(tmp_path / "cnn", depth=1, epochs=1, finished=True, top1=[0.6])
+    summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
+    summary.update(model="test_resnet", config=config_of(cnn), in_chans=1, params=None)  # as a CNN run records it
+    (tmp_path / "cnn" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path / "vit"), str(tmp_path / "cnn"), "--out", str(tmp_path / "o"),
+                 "--no-measure"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn ")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        cnn.eval()(torch.zeros(1, 1, 8, 8))  # the small-image stem keeps the 8x8 map: far more FLOPs than 2x2
+    assert cells[1] == "test_resnet" and cells[4] == "60.00%"
+    assert cells[6] == f"{sum(p.numel() for p in cnn.parameters()) / 1e6:.2f}M"
+    assert float(cells[7]) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-2)

@@ -389,6 +389,7 @@ def test_imagefolder_trains_at_the_model_resolution(tmp_path):
     summary = _train(tmp_path / "run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
                      "--img-size", "32", "--epochs", "1", "--batch-size", "6", "--workers", "0", *TINY_CIFAR)
     assert summary["steps"] == 3 and summary["img_size"] == 32 and summary["config"]["num_classes"] == 3
+    assert summary["classes"] == ["cat", "dog", "emu"]  # vit-fast predict names its classes from the run
 
 
 def test_fine_tune_into_another_resolution_and_class_count(tmp_path):
@@ -564,3 +565,14 @@ def test_vit_only_options_on_a_cnn_work_through_timm_or_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="fixed input size"):
         build_model("test_vit", **kw)
     assert "3x3 stride-1 first convolution and no max-pool" in " ".join(build_parser().format_help().split())
+
+
+def test_atomic_writes_leave_no_temporary_and_get_the_mode_a_plain_write_gets(tmp_path):
+    from vit_fast.fileio import atomic_write
+
+    atomic_write(tmp_path / "a.json", "{}")
+    atomic_write(tmp_path / "b.bin", lambda tmp: Path(tmp).write_bytes(b"x"))
+    (tmp_path / "c.txt").write_text("")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert sorted(modes) == ["a.json", "b.bin", "c.txt"]
+    assert modes["a.json"] == modes["b.bin"] == modes["c.txt"], modes  # not mkstemp's owner-only 0600

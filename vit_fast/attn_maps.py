@@ -74,7 +74,7 @@ def forward_with_attention_maps(model: nn.Module, images: torch.Tensor, *, layer
     """``(model(images), maps)`` from one forward in eval mode, without gradients; arguments as
     :func:`attention_maps`. The model's train/eval state is restored afterwards."""
     inner = getattr(model, "_orig_mod", model)  # a torch.compile'd module holds its model here
-    blocks = _blocks_of(inner)
+    blocks = blocks_of(inner)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if head_fusion not in HEAD_FUSIONS:
@@ -127,7 +127,9 @@ def forward_with_attention_maps(model: nn.Module, images: torch.Tensor, *, layer
     return logits, recorder.result(chosen, grid)
 
 
-def _blocks_of(model: nn.Module) -> Sequence[nn.Module]:
+def blocks_of(model: nn.Module) -> Sequence[nn.Module]:
+    """``model.blocks`` when the maps can be taken from it (each block's ``attn.qkv`` a Linear, a
+    ``patch_embed``), else a ValueError naming the model's type."""
     blocks = getattr(model, "blocks", None)
     ok = (blocks is not None and len(blocks) > 0 and hasattr(model, "patch_embed")
           and all(isinstance(getattr(getattr(b, "attn", None), "qkv", None), nn.Linear) for b in blocks))

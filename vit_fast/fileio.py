@@ -8,6 +8,11 @@ import os
 import tempfile
 from collections.abc import Callable
 
+# mkstemp makes owner-only files; what is written here is shared like any other output (reports, plots), so it
+# gets the mode open() would give it. Read once, at import: the umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[str], object]) -> None:
     """Write ``path`` so that a reader, or a run killed mid-write, sees the old file or the new one, never a
@@ -28,6 +33,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[str], ob
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,6 +31,14 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _KNOWN_LABELS: dict[str, list[str]] = {
     "digits": [str(i) for i in range(10)],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    # the fine labels in the order of the data set's meta file (alphabetical), which training's labels follow
+    "cifar100": """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+        camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+        dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
+        lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+        pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+        shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+        television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split(),
 }
 
 
@@ -306,6 +314,14 @@ def run(args: argparse.Namespace) -> int:
                                 crop_pct=args.crop_pct, interpolation=args.interpolation)
     if model.num_classes < 1:
         raise ValueError(f"{description} has no classifier head (num_classes=0): it gives features, not classes")
+    if args.attention_maps:  # before any image is read: the maps come from a ViT's attention blocks
+        from vit_fast.attn_maps import blocks_of
+
+        try:
+            blocks_of(getattr(model, "_orig_mod", model))
+        except ValueError:
+            raise ValueError(f"--attention-maps needs a ViT; {description} is a {type(model).__name__}, which has "
+                             "no attention to map") from None
     labels = read_labels(args.labels, summary, model.num_classes)
     files, problems = find_images(args.images)
     for p in problems:

@@ -60,6 +60,7 @@ class DatasetInfo:
     img_size: int | None  # native resolution; None when the images vary (ImageFolder)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None  # the class names in label order, where the files give them
 
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -222,7 +223,7 @@ def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     if name in ("cifar10", "cifar100"):
         return DatasetInfo(name, 10 if name == "cifar10" else 100, 3, 32, mean, std)
     classes, _ = torchvision.datasets.folder.find_classes(_require_dir(data_dir, name) / "train")
-    return DatasetInfo(name, len(classes), 3, None, mean, std)
+    return DatasetInfo(name, len(classes), 3, None, mean, std, tuple(classes))
 
 
 def load_datasets(

@@ -384,6 +384,7 @@ class Trainer:
             "train_images_per_s": p.images_per_s, "train_s": p.train_s,
             "wall_s": self._wall(), "skipped_steps": p.skipped, "params": count_params(self.model),
             "img_size": self.img_size, "in_chans": self.info.in_chans, "num_classes": self.info.num_classes,
+            "classes": self.info.classes and list(self.info.classes),  # vit-fast predict's label names
             "model_family": family_of(self.model), "config": config_of(self.model),
             "recipe": recipe_of(a),
             "vit_fast": vit_fast.__version__, "torch": torch.__version__,
