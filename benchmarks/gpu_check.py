@@ -12,7 +12,8 @@ The decisive facts first, so that a run cut short still settles the most:
    the fp32 oracle (:mod:`vit_fast.tolerance`), on fixed kernel configs (``VIT_FAST_AUTOTUNE=0``), asserting
    through ``vit_fast.backends.trace()`` that the backend under test really launched (no silent fallback);
 4. ``compute-sanitizer`` memcheck, then racecheck, on the CUDA attention (N=197, D=80, q/k/v as views of one
-   packed qkv tensor) and patch embedding (P=14), forward and backward;
+   packed qkv tensor, and the packed entry point the model calls) and patch embedding (P=14), forward and
+   backward;
 5. the quick benchmarks: ``vit-fast bench --quick``, then the regression check against the newest committed run
    of the same GPU;
 6. ``vit-fast tune --quick``: the dispatch policy of this GPU (what ``auto`` will pick), from verified, measured
@@ -462,7 +463,8 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
 
 def sanitize_target(device: str = "cuda", backend: str = "cuda") -> int:
     """What compute-sanitizer watches: the CUDA attention at N=197, D=80 on strided q/k/v views of one packed
-    qkv tensor, and the patch embedding at P=14, forward and backward. Exit 4: the backend is unavailable."""
+    qkv tensor and on that tensor itself (attention_packed, as the model calls it), and the patch embedding at
+    P=14, forward and backward. Exit 4: the backend is unavailable."""
     import torch
 
     import vit_fast
@@ -482,6 +484,8 @@ def sanitize_target(device: str = "cuda", backend: str = "cuda") -> int:
                       for s in ((64,), (1, 1, 64), (1, 17, 64)))
     with vit_fast.set_backend(backend), backends.trace() as launches:
         ops.attention(q, k, v).float().square().sum().backward()
+        # the model's path: the packed entry point has kernels of its own (its backward writes dqkv in place)
+        ops.attention_packed(qkv).float().square().sum().backward()
         ops.patch_embed(images, weight, bias, cls_token=cls, pos_embed=pos).float().square().sum().backward()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

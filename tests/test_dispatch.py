@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from helpers import launches
 import vit_fast
 from vit_fast import backends, ops
 from vit_fast.backends import BackendUnavailableError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The ops the model calls; the registry also holds the quantized-inference ops, which quantized models call.
 MODEL_OPS = {"attention", "layer_norm", "layernorm_mlp", "patch_embed"}
@@ -100,6 +104,27 @@ def test_reasons_lists_every_reason_not_only_the_first():
         return
     for needle in ("float64", "head dim 8", "dropout_p"):
         assert any(needle in w for w in why), (needle, why)
+
+
+def test_a_triton_below_the_packaging_floor_is_a_reason(monkeypatch):
+    """torch >= 2.5 may bring a triton older than the extra's floor: the backend says so instead of crashing."""
+    extra = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if '"triton>=' in line)
+    assert f'"triton>={".".join(map(str, backends.TRITON_FLOOR))}"' in extra  # one floor, stated twice
+
+    def installed(version):
+        def answer(name):
+            assert name == "triton"
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+        return answer
+
+    monkeypatch.setattr(importlib.metadata, "version", installed("3.2.0"))
+    why = backends._triton_too_old()
+    assert why == "triton 3.2.0 is older than 3.4, vit_fast's floor for its kernels (pip install 'triton>=3.4')"
+    for fine in ("3.4.0", "3.6.0+git1234", "4.0.0", None):  # None: another distribution name, not second-guessed
+        monkeypatch.setattr(importlib.metadata, "version", installed(fine))
+        assert backends._triton_too_old() is None, fine
 
 
 def test_registry_is_public_data():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_fast
 from vit_fast import backends, explanation, ops, policy
@@ -260,6 +261,37 @@ def test_explain_names_the_policy_in_force_and_the_measured_speedups():
     assert "1.31x" in triton_line and "<- picked" in triton_line
     assert "triton measured 1.31x the reference" in triton_line
     assert [r["speedup"] for r in rows] == [1.0, 1.31, 0.8]
+
+
+@pytest.fixture
+def fake_h200(monkeypatch):
+    """vit_fast.explain("cuda") itself on the faked H200: CUDA visible, capability 9.0, and its example inputs fake
+    tensors on cuda (nothing is allocated, no GPU is asked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_capability", lambda index: (9, 0))
+    with FakeTensorMode():
+        yield
+
+
+def test_explain_on_a_gpu_without_a_policy_says_the_reference_runs_and_how_to_tune(fake_h200):
+    ex = vit_fast.explain("cuda")
+    assert "no policy for NVIDIA H200 (sm 9.0): auto runs the reference (PyTorch) on CUDA" in ex.title
+    assert "run `vit-fast tune`" in ex.title
+    assert set(ex.picked.values()) == {"reference"} and all(r["speedup"] is None for r in ex.rows)
+
+
+def test_explain_on_a_gpu_names_its_policy_and_the_speedup_behind_each_pick(fake_h200):
+    _write(_user_file(), _doc())  # attention's example inputs fall in the measured bucket
+    ex = vit_fast.explain("cuda")
+    assert f"policy {_user_file()} (user cache; measured 2026-01-01 on NVIDIA H200 (sm 9.0)" in ex.title
+    attention = {r["backend"]: r for r in ex.rows if r["op"] == "attention"}
+    assert attention["triton"]["picked"] and attention["triton"]["speedup"] == 1.31
+    assert "policy nvidia-h200-sm90.json: triton measured 1.31x the reference" in attention["triton"]["note"]
+    assert [attention[b]["speedup"] for b in ("reference", "cuda")] == [1.0, 0.8]
+    assert ex.picked["layer_norm"] == "reference"  # not measured: the reference, and the row says why
+    ln = next(r for r in ex.rows if r["op"] == "layer_norm" and r["picked"])
+    assert "has no measurement for layer_norm" in ln["note"]
 
 
 def test_explain_on_cpu_names_the_cpu_policy():

@@ -134,3 +134,24 @@ def test_bad_arguments_and_a_budget_that_runs_out(tmp_path, capsys):
                               "--device", "cpu"]) == 0
     doc = json.loads(out.read_text())
     assert doc["entries"] == [] and any("budget" in n for n in doc["notes"])
+
+
+def test_an_interrupted_tune_keeps_every_case_it_measured(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py stops a step at its time limit with SIGINT: the file keeps the cases measured
+    before it, and says the rest were not."""
+    calls = []
+
+    def bench_op_case(op, shape, dtype, device, providers, modes, *rest):
+        calls.append(op)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return [_row("reference", 1.0, mode=m) for m in modes] + [_row("triton", None, status="skipped", mode=m)
+                                                                  for m in modes]
+
+    monkeypatch.setattr(tune, "bench_op_case", bench_op_case)
+    out = tmp_path / "p.json"
+    assert vit_fast.cli.main(["tune", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert len(calls) == 2 and [(e["op"], e["mode"]) for e in doc["entries"]] == [("attention", "fwd"),
+                                                                                  ("attention", "fwd+bwd")]
+    assert policy.format_problems(doc) == [] and any(n.startswith("Interrupted") for n in doc["notes"])

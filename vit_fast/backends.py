@@ -17,8 +17,10 @@ device at its first pick, and the inputs' device, dtype, shapes and whether they
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -159,10 +161,32 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The oldest triton the kernels are written for: pyproject's ``triton`` extra says the same (tests/test_dispatch.py
+# holds them equal). torch >= 2.5 may bring an older one with it (torch 2.5-2.7 pin triton 3.1-3.3), so the extra
+# alone does not keep it out: below the floor the backend is a reason, not a launch on a triton never tested.
+TRITON_FLOOR: tuple[int, int] = (3, 4)
+
+
+def _triton_too_old() -> str | None:
+    """Why the installed triton is below :data:`TRITON_FLOOR`, or None (also when its version is not known: a
+    build under another distribution name, such as pytorch-triton, is not second-guessed)."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    release = re.match(r"(\d+)\.(\d+)", version)
+    if release is None or tuple(map(int, release.groups())) >= TRITON_FLOOR:
+        return None
+    floor = ".".join(map(str, TRITON_FLOOR))
+    return f"triton {version} is older than {floor}, vit_fast's floor for its kernels (pip install 'triton>={floor}')"
+
+
 def _probe_environment() -> None:
     """Record, once at import, which backends can run at all. Cheap: no GPU query, no heavy import."""
     if importlib.util.find_spec("triton") is None:
         _UNAVAILABLE["triton"] = "triton is not installed (pip install triton)"
+    elif (old := _triton_too_old()) is not None:
+        _UNAVAILABLE["triton"] = old
     try:
         importlib.import_module("vit_fast._C")  # registers torch.ops.vit_fast.* on load
     except ModuleNotFoundError:
