@@ -155,6 +155,7 @@ __global__ void layer_norm_bwd_kernel(const Tdy* __restrict__ dy,  // (M, C), ro
     }
     c1 = warp_sum(c1) / C;
     c2 = warp_sum(c2) / C;
+    // The row walk repeats the forward's vector loop: x, dy and w load as VEC-wide vectors of their own types.
     Tx* dxr = dx + row * static_cast<int64_t>(C);
     for (int v = lane; v < nvec; v += 32) {
       const VX xv = reinterpret_cast<const VX*>(xr)[v];

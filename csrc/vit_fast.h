@@ -288,6 +288,7 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
 #endif
 }
 
+// The bf16 twin: PTX names the operand type in the mma instruction, so each element type needs its own asm.
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {

@@ -81,6 +81,7 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
+# Autotune lists look alike across kernels (attention's too): triton.autotune takes its configs as such a list.
 CONFIGS = [
     _config(128, 128, 8, 3),
     _config(128, 256, 8, 3),

@@ -503,6 +503,7 @@ def check(case: Case, backend: str) -> None:
 # ---- the tests: each property on each backend, a quick default run and a slow-marked long one -------------------
 #
 # The explicit examples always run: an empty batch, and ViT shapes small enough for the interpreter.
+# One function per (op, backend, run): hypothesis binds strategy, settings and @example by decorator, per function.
 
 F32, F16 = torch.float32, torch.float16
 
