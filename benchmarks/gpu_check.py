@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import itertools
 import json
 import os
 import re
@@ -413,7 +414,7 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
 
     import vit_fast
     from vit_fast import backends
-    from vit_fast.bench.cases import OP_BENCHES, run_once, seed
+    from vit_fast.bench.cases import OP_BENCHES, Inputs, run_once, seed
     from vit_fast.tolerance import worst_excess
 
     rows: list[dict] = []
@@ -430,12 +431,17 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
         oracle = run_once(bench.reference(), base.to(torch.float64 if dtype == torch.float32 else torch.float32),
                           "fwd+bwd")
         same = run_once(bench.reference(), base, "fwd+bwd")
-        for backend in backend_names:
-            row = {"op": op, "backend": backend, "dtype": dtype_name, "shape": bench.label(shape)}
+        entries = [(op, bench.public(), base)]
+        if op == "attention":  # the model's entry point: kernels of their own, the qkv gradient written in place
+            packed = Inputs(base.tensors, base.grad_names, lambda t: ((t["qkv"],), {"scale": shape["D"] ** -0.5}),
+                            base.grad_out)
+            entries.append(("attention_packed", vit_fast.ops.attention_packed, packed))
+        for (entry, public, inputs), backend in itertools.product(entries, backend_names):
+            row = {"op": entry, "backend": backend, "dtype": dtype_name, "shape": bench.label(shape)}
             want = {(op, "fwd")} if backend == "reference" else {(op, "fwd"), (op, "bwd")}
             try:
                 with vit_fast.set_backend(backend), backends.trace() as launches:
-                    out, grads = run_once(bench.public(), base, "fwd+bwd")
+                    out, grads = run_once(public, inputs, "fwd+bwd")
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                 ran = {(r.op, r.phase) for r in launches if r.backend == backend}
@@ -452,7 +458,7 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
             except Exception as e:  # noqa: BLE001 - a crash is this backend's verdict; the others go on
                 row.update(status="FAIL", detail=f"{type(e).__name__}: {str(e).strip()[:300]}")
             rows.append(row)
-            print(f"{row['status']:<4} {op:<13} {backend:<9} {dtype_name:<8} {row['shape']:<22} "
+            print(f"{row['status']:<4} {entry:<16} {backend:<9} {dtype_name:<8} {row['shape']:<22} "
                   f"{row['detail']}", flush=True)
             tmp = json_path + ".tmp"
             with open(tmp, "w") as f:

@@ -21,7 +21,7 @@ from vit_fast.kernels import empty, interpreting, launch, on_inputs_device
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _scaled_gemm_kernel(
     X,  # (M, K) e4m3, unit column stride
     X_SCALE,  # (M, G) fp32, contiguous
@@ -30,6 +30,7 @@ def _scaled_gemm_kernel(
     BIAS,  # (N,) any float, or a dummy when not HAS_BIAS
     OUT,  # (M, N), unit column stride
     M, N, K,
+    m_bucket,  # next power of two of M: the autotuning key (a new batch size reuses its bucket's config); unused
     stride_xm, stride_wn, stride_om,
     GROUPS: tl.constexpr,  # G: activation scales per row
     GROUP_K: tl.constexpr,  # K / G columns share one scale
@@ -90,7 +91,7 @@ CONFIGS = [
     _config(64, 64, 4, 3),
 ]
 
-_scaled_gemm_tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "GROUPS"])(_scaled_gemm_kernel)
+_scaled_gemm_tuned = triton.autotune(CONFIGS, key=["m_bucket", "N", "K", "GROUPS"])(_scaled_gemm_kernel)
 
 
 def block_k(group_k: int) -> int:
@@ -123,7 +124,7 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         _scaled_gemm_tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         (x_q, scales, w_q, w_scale.contiguous(), w_scale if bias is None else bias.contiguous(), out,
-         m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0)),
+         m, n, k, triton.next_power_of_2(m), x_q.stride(0), w_q.stride(0), out.stride(0)),
         {"GROUPS": groups, "GROUP_K": k // groups, "HAS_BIAS": bias is not None, "BLOCK_K": block_k(k // groups)},
         fixed=fixed,
     )

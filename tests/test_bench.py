@@ -405,11 +405,13 @@ def test_gpu_check_children_run_on_cpu(tmp_path):
     assert gc.correctness(path, device="cpu", dtypes=("float32",), shapes=small) == 0
     with open(path) as f:
         rows = {(r["op"], r["backend"]): r for r in json.load(f)["rows"]}
-    assert set(rows) == {(op, b) for op in small for b in ("triton", "cuda", "reference")}
-    for op in small:
-        assert rows[(op, "reference")]["status"] == "PASS" and rows[(op, "reference")]["launched"] == [[op, "fwd"]]
-        assert rows[(op, "cuda")]["status"] == "SKIP"
-        triton = rows[(op, "triton")]
+    entries = {**{op: op for op in small}, "attention_packed": "attention"}  # the model's entry point, recorded
+    assert set(rows) == {(e, b) for e in entries for b in ("triton", "cuda", "reference")}  # as attention's
+    for entry, op in entries.items():
+        ref = rows[(entry, "reference")]
+        assert ref["status"] == "PASS" and ref["launched"] == [[op, "fwd"]], ref
+        assert rows[(entry, "cuda")]["status"] == "SKIP"
+        triton = rows[(entry, "triton")]
         if triton["status"] != "SKIP":  # under the interpreter: forward and backward really launched
             assert triton["status"] == "PASS" and triton["launched"] == [[op, "bwd"], [op, "fwd"]], triton
     assert gc.sanitize_target(device="cpu", backend="reference") == 0

@@ -30,6 +30,7 @@ layer_norm = pytest.importorskip("vit_fast.kernels.layer_norm")
 layernorm_mlp = pytest.importorskip("vit_fast.kernels.layernorm_mlp")
 gemm = pytest.importorskip("vit_fast.kernels.gemm")
 patch_embed = pytest.importorskip("vit_fast.kernels.patch_embed")
+scaled_gemm = pytest.importorskip("vit_fast.kernels.scaled_gemm")
 
 LAUNCHERS = {
     attention: ("attention_fwd", "attention_bwd"),
@@ -40,7 +41,7 @@ LAUNCHERS = {
 LAUNCHERS_OPS = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
 AUTOTUNED = [attention._attention_fwd_tuned, attention._attention_bwd_dkdv_tuned, attention._attention_bwd_dq_tuned,
              layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
-             gemm._gemm_tuned, patch_embed._patch_embed_fwd_kernel,
+             gemm._gemm_tuned, scaled_gemm._scaled_gemm_tuned, patch_embed._patch_embed_fwd_kernel,
              patch_embed._patch_embed_bwd_weight_kernel, patch_embed._patch_embed_bwd_images_kernel]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
