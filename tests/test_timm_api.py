@@ -42,6 +42,9 @@ def test_pretrained_cfgs_equal_timm_registry_tag_by_tag(arch):
         ref = pc.to_dict()
         ours = get_pretrained_cfg(arch, name.split(".", 1)[1])
         assert {k: ours.get(k) for k in CFG_KEYS} == {k: ref.get(k) for k in CFG_KEYS}, name
+        for test_size in (False, True):  # the preprocessing timm's data pipeline derives, eval size included
+            assert timm.data.resolve_data_config(pretrained_cfg=ours, use_test_size=test_size) == \
+                   timm.data.resolve_data_config(pretrained_cfg=ref, use_test_size=test_size), name
 
 
 @pytest.mark.parametrize("name", ["vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_small_patch16_224.dino",
@@ -171,6 +174,7 @@ def test_features_only_equals_timm(norm):
     m.load_state_dict(t.state_dict(), strict=True)  # the same modules pruned on both sides
     assert m.feature_info.channels() == t.feature_info.channels()
     assert m.feature_info.reduction() == t.feature_info.reduction()
+    assert m.in_chans == (3 if norm else t.in_chans)  # timm's factory sets it; its hand-built wrapper has none
     assert "num_classes" not in m.pretrained_cfg and m.pretrained_cfg["input_size"] == (3, 224, 224)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -226,6 +230,9 @@ def test_reset_classifier_keeps_mode_device_dtype_and_changes_pooling_as_timm():
     assert not m.head.training and m.head.weight.dtype == torch.float64 and m.config.num_classes == 7
     m.train().reset_classifier(3)
     assert m.head.training
+    meta = vit_fast.create_model("vit_tiny_patch16_224", **SMALL, device="meta")
+    meta.reset_classifier(4)
+    assert meta.head.weight.device.type == "meta"
     m.eval().float()
     x = torch.randn(2, 3, 32, 32)
     for pool in ("avg", "", "token"):

@@ -21,8 +21,6 @@ from vit_fast.pretrained import split_name
 
 MODELS = tuple(os.environ.get("VIT_FAST_TIMM_MODELS", "vit_tiny_patch16_224,vit_small_patch16_224").split(","))
 _DOWNLOADS = {"test_model_inference", "test_model_load_pretrained", "test_model_features_pretrained"}
-# Prunes and re-runs the model at every block index (timm's CI skips it as slow): the first model alone.
-_FIRST_MODEL_ONLY = {"test_prune_intermediate_layers_contract"}
 
 _timm_create_model = timm.create_model
 _timm_list_models = timm.list_models
@@ -57,9 +55,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         params = getattr(getattr(item, "callspec", None), "params", {})
         name = params.get("model_name")
         test = getattr(item, "originalname", item.name)
-        ours = _routed(name) and (test not in _FIRST_MODEL_ONLY or split_name(name)[0] == MODELS[0])
         excluded = "torchscript" in item.name or test in _DOWNLOADS
-        (keep if ours and not excluded else drop).append(item)
+        (keep if _routed(name) and not excluded else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep

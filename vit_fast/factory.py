@@ -122,6 +122,7 @@ def _feature_backbone(model: VisionTransformer, out_indices, feature_cls, featur
     backbone = FeatureGetterNet(model, out_indices=feature_cfg.pop("out_indices", out_indices), **feature_cfg)
     backbone.pretrained_cfg = features_cfg(cfg)
     backbone.default_cfg = backbone.pretrained_cfg
+    backbone.in_chans = model.in_chans  # as on timm's features_only wrapper (timm.models.get_model_traits reads it)
     return backbone
 
 
