@@ -9,7 +9,9 @@ only thing a backend adds::
     register_backend(ATTENTION, "triton", Limits(...), fwd=kernels.attention_fwd, bwd=kernels.attention_bwd)
     register_backend(ATTENTION, "cuda", Limits(...))   # ops defined by vit_fast._C from the same schemas
 
-The custom ops are named ``vit_fast::{op}_fwd_{backend}`` and ``vit_fast::{op}_bwd_{backend}``.
+The custom ops are named ``vit_fast::{op}_fwd_{backend}`` and ``vit_fast::{op}_bwd_{backend}``. An
+inference-only op (no ``bwd_schema``) has one, ``vit_fast::{op}_{backend}``, and no autograd formula: a backward
+through it raises torch's "no autograd formula was registered".
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ class KernelOp:
 
     name: str
     fwd_schema: str
-    bwd_schema: str
     fwd_fake: Callable
-    bwd_fake: Callable
-    setup_context: Callable
-    backward: Callable[[Callable], Callable]  # backward op -> autograd backward(ctx, *grads)
     public: Callable[[Callable], Callable]  # forward op -> the op's public signature
+    bwd_schema: str | None = None  # None: inference only, and so are the three below
+    bwd_fake: Callable | None = None
+    setup_context: Callable | None = None
+    backward: Callable[[Callable], Callable] | None = None  # backward op -> autograd backward(ctx, *grads)
     # The dispatcher op this is another entry point of (attention_packed of attention): registered as its
     # variant (backends.register_variant), under the op's limits, and recorded in launches as that op.
     variant_of: str | None = None
@@ -53,33 +55,37 @@ def register_backend(spec: KernelOp, backend: str, limits: backends.Limits, *, f
                      bwd: Callable | None = None) -> bool:
     """Register ``backend``'s kernels for ``spec``'s op; returns whether it did.
 
-    With ``fwd`` and ``bwd`` (Python launchers taking the schemas' arguments) the custom ops are defined
-    here; without, they must have been defined by ``vit_fast._C`` (when they were not, only the limits are
-    registered: they still explain what the backend could run).
+    With ``fwd`` and ``bwd`` (Python launchers taking the schemas' arguments; ``fwd`` alone for an inference-only
+    op) the custom ops are defined here; without, they must have been defined by ``vit_fast._C`` (when they were
+    not, only the limits are registered: they still explain what the backend could run).
     """
-    fwd_name, bwd_name = f"{spec.name}_fwd_{backend}", f"{spec.name}_bwd_{backend}"
+    fwd_name = f"{spec.name}_{backend}" if spec.bwd_schema is None else f"{spec.name}_fwd_{backend}"
+    bwd_name = f"{spec.name}_bwd_{backend}"
+    parts = [(fwd_name, spec.fwd_schema, spec.fwd_fake, fwd, "fwd")]
+    if spec.bwd_schema is not None:
+        parts.append((bwd_name, spec.bwd_schema, spec.bwd_fake, bwd, "bwd"))
     op = spec.variant_of or spec.name
     defined_here = fwd is not None
     if defined_here:
-        for name, schema, launch, phase in ((fwd_name, spec.fwd_schema, fwd, "fwd"),
-                                            (bwd_name, spec.bwd_schema, bwd, "bwd")):
+        for name, schema, _, launch, phase in parts:
             torch.library.custom_op(f"vit_fast::{name}", _recorded(launch, op, backend, phase),
                                     mutates_args=(), schema=schema)
     elif not hasattr(torch.ops.vit_fast, fwd_name):
         if spec.variant_of is None:
             backends.register(spec.name, backend, None, limits)
         return False
-    # _stacklevel=2: the fakes belong to the op's module (the caller), which csrc/ops.cpp names with
-    # set_python_module; torch checks the two agree for ops the extension defines.
-    torch.library.register_fake(f"vit_fast::{fwd_name}", spec.fwd_fake, _stacklevel=2)
-    torch.library.register_fake(f"vit_fast::{bwd_name}", spec.bwd_fake, _stacklevel=2)
-    fwd_op, bwd_op = getattr(torch.ops.vit_fast, fwd_name), getattr(torch.ops.vit_fast, bwd_name)
-    backward = spec.backward(bwd_op)
-    public = spec.public(fwd_op)
+    for name, _, fake, _, _ in parts:
+        # _stacklevel=2: the fakes belong to the op's module (the caller), which csrc/ops.cpp names with
+        # set_python_module; torch checks the two agree for ops the extension defines.
+        torch.library.register_fake(f"vit_fast::{name}", fake, _stacklevel=2)
+    public = spec.public(getattr(torch.ops.vit_fast, fwd_name))
     if not defined_here:  # C++ ops cannot record themselves: record where Python calls them
-        backward = _recorded(backward, op, backend, "bwd")
         public = _recorded(public, op, backend, "fwd")
-    torch.library.register_autograd(f"vit_fast::{fwd_name}", backward, setup_context=spec.setup_context)
+    if spec.bwd_schema is not None:
+        backward = spec.backward(getattr(torch.ops.vit_fast, bwd_name))
+        if not defined_here:
+            backward = _recorded(backward, op, backend, "bwd")
+        torch.library.register_autograd(f"vit_fast::{fwd_name}", backward, setup_context=spec.setup_context)
     if spec.variant_of is None:
         backends.register(spec.name, backend, public, limits)
     else:

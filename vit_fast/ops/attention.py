@@ -146,7 +146,7 @@ def _bwd_fake(dout, q, k, v, out, lse, scale) -> tuple[torch.Tensor, torch.Tenso
 
 
 ATTENTION = KernelOp(
-    "attention", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
+    "attention", FWD_SCHEMA, _fwd_fake, _public_for, BWD_SCHEMA, _bwd_fake, _setup_context, _backward_for
 )
 
 TRITON_LIMITS = Limits(devices=("cuda", "cpu"), head_dims=range(16, 129), auto_gemm_dtypes=HALF)
@@ -213,8 +213,8 @@ def _packed_bwd_fake(dout, qkv, out, lse, scale) -> torch.Tensor:
 
 
 ATTENTION_PACKED = KernelOp(
-    "attention_packed", PACKED_FWD_SCHEMA, PACKED_BWD_SCHEMA, _packed_fwd_fake, _packed_bwd_fake,
-    _packed_setup_context, _packed_backward_for, _packed_public_for, variant_of="attention",
+    "attention_packed", PACKED_FWD_SCHEMA, _packed_fwd_fake, _packed_public_for, PACKED_BWD_SCHEMA, _packed_bwd_fake,
+    _packed_setup_context, _packed_backward_for, variant_of="attention",
 )
 backends.register_variant("attention", "attention_packed", "reference", attention_packed_ref)
 if _kernels is not None:

@@ -110,7 +110,7 @@ def _bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mea
 
 
 LAYER_NORM = KernelOp(
-    "layer_norm", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
+    "layer_norm", FWD_SCHEMA, _fwd_fake, _public_for, BWD_SCHEMA, _bwd_fake, _setup_context, _backward_for
 )
 
 if _kernels is not None:

@@ -184,7 +184,7 @@ def _bwd_fake(dout, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, mea
 
 
 LAYERNORM_MLP = KernelOp(
-    "layernorm_mlp", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
+    "layernorm_mlp", FWD_SCHEMA, _fwd_fake, _public_for, BWD_SCHEMA, _bwd_fake, _setup_context, _backward_for
 )
 
 if _kernels is not None:

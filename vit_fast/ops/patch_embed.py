@@ -188,7 +188,7 @@ def _bwd_fake(grad_out, images, weight, bias, cls_token, pos_embed, images_grad,
 
 
 PATCH_EMBED = KernelOp(
-    "patch_embed", FWD_SCHEMA, BWD_SCHEMA, _fwd_fake, _bwd_fake, _setup_context, _backward_for, _public_for
+    "patch_embed", FWD_SCHEMA, _fwd_fake, _public_for, BWD_SCHEMA, _bwd_fake, _setup_context, _backward_for
 )
 
 if _kernels is not None:

@@ -20,13 +20,15 @@ import with the model's four ops: the dispatcher's registry does not change when
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from vit_fast import backends
 from vit_fast.backends import Facts, Limits, dtype_name
 from vit_fast.ops import _checks
-from vit_fast.ops._custom_op import triton_kernels
+from vit_fast.ops._custom_op import KernelOp, register_backend, triton_kernels
 from vit_fast.ops.attention import _bucket as _attention_bucket
 from vit_fast.ops.attention import _facts as _attention_facts
 from vit_fast.ops.attention import _validate as _validate_attention
@@ -170,88 +172,79 @@ backends.declare("attention_fp8", attention_fp8_ref, _attention_facts, _example_
 backends.declare("int8_linear", int8_linear_ref, lambda *a, **k: Facts(), _example_int8_linear, _rows_bucket)
 
 
-# ---- the Triton producers of e4m3 GEMM inputs ---------------------------------------------------------------------
+# ---- kernel backends: inference-only custom ops, vit_fast::{op}_{backend} ------------------------------------------
 
 
-def _fp8_fakes(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+# The fakes take the schemas' arguments (register_fake calls them positionally).
+def _fp8_rows_fake(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+def _scaled_linear_fake(x_q, x_scale, weight_q, weight_scale, bias, out_dtype) -> torch.Tensor:  # noqa: ANN001
+    return x_q.new_empty((x_q.shape[0], weight_q.shape[0]), dtype=out_dtype)
+
+
+def _attention_fp8_fake(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    B, H, N, D = q.shape
+    return q.new_empty((B * N, H * D), dtype=FP8), q.new_empty((B * N, H), dtype=torch.float32)
+
+
+def _attention_fp8_public(fwd_op: Callable) -> Callable:  # the scale's default depends on the head dim
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+        return fwd_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+    return run
+
+
+# The public signatures (each spec's last lambda) are the ops': dispatch calls them with the user's keywords.
+LAYER_NORM_FP8 = KernelOp("layer_norm_fp8", "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)",
+                          _fp8_rows_fake, lambda op: lambda x, weight, bias, *, eps=1e-6: op(x, weight, bias, eps))
+QUANTIZE_ROWS = KernelOp("quantize_rows", "(Tensor x, bool gelu) -> (Tensor, Tensor)",
+                         _fp8_rows_fake, lambda op: lambda x, *, gelu=False: op(x, gelu))
+SCALED_LINEAR = KernelOp("scaled_linear", "(Tensor x_q, Tensor x_scale, Tensor weight_q, Tensor weight_scale, "
+                         "Tensor? bias, ScalarType out_dtype) -> Tensor",
+                         _scaled_linear_fake, lambda op: lambda *tensors, out_dtype: op(*tensors, out_dtype))
+ATTENTION_FP8 = KernelOp("attention_fp8", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+                         _attention_fp8_fake, _attention_fp8_public)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 _ln = triton_kernels("layer_norm")
 _qr = triton_kernels("quantize_rows")
 if _ln is not None and _qr is not None:
-    _FP8_LIMITS = dict(devices=("cuda", "cpu"), max_width=_qr.MAX_C, width_note="rows are held in registers",
-                       min_capability=FP8_CAPABILITY)
 
-    @torch.library.custom_op("vit_fast::layer_norm_fp8_triton", mutates_args=())
-    def _layer_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        backends.record("layer_norm_fp8", "triton", "fwd")
-        return _ln.layer_norm_fwd_fp8(x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous(),
-                                      bias.contiguous(), eps)
+    def _layer_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        return _ln.layer_norm_fwd_fp8(_unit_stride(x), weight.contiguous(), bias.contiguous(), eps)
 
-    @torch.library.custom_op("vit_fast::quantize_rows_triton", mutates_args=())
-    def _quantize_rows_triton(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        backends.record("quantize_rows", "triton", "fwd")
-        return _qr.quantize_rows_fwd(x if x.stride(-1) == 1 else x.contiguous(), gelu)
+    def _quantize_rows_triton(x: torch.Tensor, gelu: bool):
+        return _qr.quantize_rows_fwd(_unit_stride(x), gelu)
 
-    _layer_norm_fp8_triton.register_fake(_fp8_fakes)
-    _quantize_rows_triton.register_fake(_fp8_fakes)
-
-    def _ln_public(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = 1e-6):
-        return _layer_norm_fp8_triton(x, weight, bias, eps)
-
-    def _qr_public(x: torch.Tensor, *, gelu: bool = False):
-        return _quantize_rows_triton(x, gelu)
-
-    backends.register("layer_norm_fp8", "triton", _ln_public, Limits(**_FP8_LIMITS))
-    backends.register("quantize_rows", "triton", _qr_public, Limits(**_FP8_LIMITS))
-
+    _FP8_LIMITS = Limits(devices=("cuda", "cpu"), max_width=_qr.MAX_C, width_note="rows are held in registers",
+                         min_capability=FP8_CAPABILITY)
+    register_backend(LAYER_NORM_FP8, "triton", _FP8_LIMITS, fwd=_layer_norm_fp8_triton)
+    register_backend(QUANTIZE_ROWS, "triton", _FP8_LIMITS, fwd=_quantize_rows_triton)
 
 _sg = triton_kernels("scaled_gemm")
 if _sg is not None:
 
-    @torch.library.custom_op("vit_fast::scaled_linear_triton", mutates_args=())
     def _scaled_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
-                              weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                              out_dtype: torch.dtype) -> torch.Tensor:
-        backends.record("scaled_linear", "triton", "fwd")
-        unit = [t if t.stride(-1) == 1 else t.contiguous() for t in (x_q, weight_q)]
-        return _sg.scaled_gemm(unit[0], x_scale, unit[1], weight_scale, bias, out_dtype)
-
-    @_scaled_linear_triton.register_fake
-    def _(x_q, x_scale, weight_q, weight_scale, bias, out_dtype):  # noqa: ANN001, ANN202
-        return x_q.new_empty((x_q.shape[0], weight_q.shape[0]), dtype=out_dtype)
-
-    def _sl_public(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None, *, out_dtype: torch.dtype) -> torch.Tensor:
-        return _scaled_linear_triton(x_q, x_scale, weight_q, weight_scale, bias, out_dtype)
+                              weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        return _sg.scaled_gemm(_unit_stride(x_q), x_scale, _unit_stride(weight_q), weight_scale, bias, out_dtype)
 
     # fp32 accumulation: no float64 output or bias
-    backends.register("scaled_linear", "triton", _sl_public,
-                      Limits(devices=("cuda", "cpu"), dtypes=(FP8, torch.float32, torch.float16, torch.bfloat16),
-                             min_capability=FP8_CAPABILITY))
-
+    register_backend(SCALED_LINEAR, "triton",
+                     Limits(devices=("cuda", "cpu"), dtypes=(FP8, torch.float32, torch.float16, torch.bfloat16),
+                            min_capability=FP8_CAPABILITY),
+                     fwd=_scaled_linear_triton)
 
 _at = triton_kernels("attention")
 if _at is not None:
-
-    @torch.library.custom_op("vit_fast::attention_fp8_triton", mutates_args=())
-    def _attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        backends.record("attention_fp8", "triton", "fwd")
-        return _at.attention_fwd_fp8(q, k, v, scale)
-
-    @_attention_fp8_triton.register_fake
-    def _(q, k, v, scale):  # noqa: ANN001, ANN202
-        B, H, N, D = q.shape
-        return (q.new_empty((B * N, H * D), dtype=FP8), q.new_empty((B * N, H), dtype=torch.float32))
-
-    def _af_public(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
-        return _attention_fp8_triton(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
-
-    backends.register("attention_fp8", "triton", _af_public,
-                      Limits(devices=("cuda", "cpu"), head_dims=range(16, 129), min_capability=FP8_CAPABILITY))
+    register_backend(ATTENTION_FP8, "triton",
+                     Limits(devices=("cuda", "cpu"), head_dims=range(16, 129), min_capability=FP8_CAPABILITY),
+                     fwd=_at.attention_fwd_fp8)
 
 
 # ---- public functions ---------------------------------------------------------------------------------------------
