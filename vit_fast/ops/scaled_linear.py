@@ -82,14 +82,31 @@ def _fp8_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
     return (torch.bmm(xg, wg) * groups.t()[..., None]).sum(0) * weight_scale.float()[None, :]
 
 
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (torch 2.11's takes per-tensor ones only)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+# Probed once at import (a 16 x 16 product, under a millisecond): no release note says which torch added it, and
+# a probe inside the op would be traced by torch.compile.
+_CPU_ROWWISE = _cpu_rowwise_scaled_mm()
+
+
 def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None, *, out_dtype: torch.dtype, upcast: bool = False) -> torch.Tensor:
     """The FP8 GEMM through ``torch._scaled_mm``. It takes the fp32 product of the e4m3 operands instead for
     per-group activation scales (x_scale (M, G), G > 1: no cuBLASLt scaling mode has 64-column groups), for an
     output other than bf16 on a GPU (cuBLASLt's row-wise FP8 GEMM writes bf16; fp32 only without a bias, and
-    only on some GPUs), and with ``upcast=True`` (the tests' oracle for how the scales are applied)."""
+    only on some GPUs), on a CPU whose ``_scaled_mm`` takes per-tensor scales only, and with ``upcast=True`` (the
+    tests' oracle for how the scales are applied)."""
     grouped = x_scale.dim() == 2 and x_scale.shape[1] > 1
-    if upcast or grouped or (x_q.device.type == "cuda" and out_dtype != torch.bfloat16):
+    if (upcast or grouped or (x_q.device.type == "cuda" and out_dtype != torch.bfloat16)
+            or (x_q.device.type == "cpu" and not _CPU_ROWWISE)):
         y = _fp8_product(x_q, x_scale, weight_q, weight_scale)
         return (y if bias is None else y + bias.float()).to(out_dtype)
     x_scale = x_scale.reshape(-1)
