@@ -174,7 +174,7 @@ def _fwd_fake(images, weight, bias, cls_token, pos_embed):
     """Fake of every backend's forward op: the (B, [1+]N, E) token sequence in the reference's dtype."""
     b, _, h, w = images.shape
     e, _, ph, pw = weight.shape
-    tokens = (h // ph) * (w // pw) + (cls_token is not None)
+    tokens = (h // ph) * (w // pw) + int(cls_token is not None)  # a bool in a SymInt sum breaks torch 2.11
     return images.new_empty((b, tokens, e), dtype=_out_dtype(images, pos_embed))
 
 

@@ -75,7 +75,7 @@ def _fp8_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
     the scales apply to the fp32 partial sums."""
     m, k = x_q.shape
     n = weight_q.shape[0]
-    groups = x_scale.reshape(m, -1).float()  # (M, G)
+    groups = (x_scale.unsqueeze(1) if x_scale.dim() == 1 else x_scale).float()  # (M, G); reshape(m, -1) fails at M = 0
     g = groups.shape[1]
     xg = x_q.float().view(m, g, k // g).transpose(0, 1)  # (G, M, K/G)
     wg = weight_q.float().view(n, g, k // g).permute(1, 2, 0)  # (G, K/G, N)
