@@ -1,5 +1,6 @@
 """What the test files share: the device, fresh leaves, the backend markers, the launch spy, the oracle check by
-the one tolerance rule (vit_fast.tolerance) and an input maker per op.
+the one tolerance rule (vit_fast.tolerance), the quantized ops' comparisons with their reference and an input
+maker per op.
 
 Inputs travel as ``(args, kwargs)``, exactly as the public op takes them, so one check serves every op:
 ``check_oracle("layer_norm", "triton", *layer_norm_inputs((4, 80)))``.
@@ -21,7 +22,7 @@ from vit_fast import backends
 from vit_fast.tolerance import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_BACKENDS = ("triton", "cuda")
+KERNEL_BACKENDS = tuple(b for b in backends.BACKENDS if b != "reference")
 
 
 # ---- backends --------------------------------------------------------------------------------------------------
@@ -202,17 +203,40 @@ def scaled_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.floa
 def int8_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[tuple, dict]:
     """x (M, K) on CPU (fbgemm's int8 kernels are CPU only, whatever the suite's device) and the prepacked
     per-channel int8 weight and bias of a random Linear, packed as :class:`vit_fast.quantization.Int8Linear` packs."""
+    return int8_linear_args(torch.randn(m, k).to(dtype), torch.nn.Linear(k, n))
+
+
+def int8_linear_args(x: torch.Tensor, linear: torch.nn.Linear) -> tuple[tuple, dict]:
+    """int8_linear's (args, kwargs) for ``x`` and the weight and bias of ``linear``, packed as
+    :class:`vit_fast.quantization.Int8Linear` packs them."""
     from vit_fast.quantization import Int8Linear
 
-    packed = Int8Linear.from_linear(torch.nn.Linear(k, n))._pack()
-    return (torch.randn(m, k).to(dtype), packed), {"reduce_range": torch.backends.quantized.engine in ("x86", "fbgemm")}
+    packed = Int8Linear.from_linear(linear)._pack()
+    return (x, packed), {"reduce_range": torch.backends.quantized.engine in ("x86", "fbgemm")}
+
+
+def column_slice(t: torch.Tensor, start: int = 5, extra: int = 13) -> torch.Tensor:
+    """``t`` (M, C) as columns of a wider buffer: rows C + extra apart, unit column stride."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + extra, dtype=t.dtype, device=t.device)
+    wide[:, start:start + t.shape[1]] = t
+    return wide[:, start:start + t.shape[1]]
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with column-major memory: no unit column stride."""
+    return t.t().contiguous().t()
+
+
+def every_other(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as every other element of a buffer twice as long along its last dimension."""
+    return torch.stack([t, t], dim=-1)[..., 0]
 
 
 # ---- the oracle check ------------------------------------------------------------------------------------------
 
 
-# Entry points recorded in launches under the dispatcher op they are a variant of.
-RECORDED_AS = {"attention_packed": "attention"}
+# Entry points (attention_packed) recorded in launches under the dispatcher op they are a variant of.
+RECORDED_AS = {variant: op for op in backends.ops() for variant in backends.variants(op)}
 
 
 def _grads(out: torch.Tensor, inputs: dict[str, torch.Tensor], dout: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,6 +278,53 @@ def check_oracle(op: str, backend: str, args: tuple, kwargs: dict, *, dout: torc
         ran = count(rec, backend, "bwd", recorded)
         assert ran >= 1 if bwd_launch else ran == 0, f"{backend}'s backward of {op} ran {ran} times: {rec}"
     return out, got
+
+
+# ---- the quantized ops' comparisons: there is no float64 oracle of a quantized result ------------------------------
+
+
+def tensor_close(out: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Same op, same dtypes, other strides or another trace: the reference's result to rounding."""
+    assert out.dtype == want.dtype, f"{name}: dtype {out.dtype}, the reference's {want.dtype}"
+    torch.testing.assert_close(out, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def fp8_rows_close(out: tuple, want: tuple, name: str) -> None:
+    """(q, scale) against the reference's: the scales to fp32 rounding, q * scale within one e4m3 step at the
+    row's largest magnitude (2^-3 of it: a rounding tie may go the other way in a kernel), NaNs where the
+    reference has them."""
+    (q, scale), (wq, wscale) = out, want
+    assert (q.dtype, scale.dtype) == (wq.dtype, wscale.dtype), f"{name}: dtypes {q.dtype}, {scale.dtype}"
+    torch.testing.assert_close(scale, wscale, rtol=1e-5, atol=1e-12, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    deq, wdeq = q.float() * scale[:, None], wq.float() * wscale[:, None]
+    assert torch.equal(deq.isnan(), wdeq.isnan()), f"{name}: NaNs where the reference has none (or none where)"
+    step = wdeq.abs().nan_to_num().amax(dim=1, keepdim=True) * 2**-3 + 1e-6
+    assert ((deq - wdeq).abs().nan_to_num() <= step).all(), f"{name}: q * scale off the reference by over a step"
+
+
+def gemm_close(out: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Another FP8 GEMM kernel than the reference's: the same e4m3 products (exact in fp32), summed in another
+    order, so fp32 results agree to a few fp32 roundings of the largest output, not bit for bit."""
+    assert out.dtype == want.dtype, f"{name}: dtype {out.dtype}, the reference's {want.dtype}"
+    big = want.abs().nan_to_num().max().item() if want.numel() else 0.0
+    rtol = {torch.float32: 1e-5}.get(out.dtype)
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=rtol, atol=None if rtol is None else rtol * big,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def attention_fp8_close(out: tuple, want: tuple, name: str) -> None:
+    """(e4m3 (B*N, H*D), scale (B*N, H)) as rows of D values with one scale each, checked as
+    :func:`fp8_rows_close` checks rows. A kernel quantizes its fp32 attention output, the reference the output
+    rounded to the input dtype: in half precision the scales differ by up to that rounding (bf16's 2^-8)."""
+    (q, scale), (wq, wscale) = out, want
+    assert (q.dtype, scale.dtype, q.shape, scale.shape) == (wq.dtype, wscale.dtype, wq.shape, wscale.shape), name
+    torch.testing.assert_close(scale, wscale, rtol=2**-7, atol=1e-12, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    d = q.shape[1] // max(scale.shape[1], 1)
+    deq = q.float().view(-1, d) * scale.reshape(-1, 1)
+    wdeq = wq.float().view(-1, d) * wscale.reshape(-1, 1)
+    assert torch.equal(deq.isnan(), wdeq.isnan()), f"{name}: NaNs where the reference has none (or none where)"
+    step = wdeq.abs().nan_to_num().amax(dim=1, keepdim=True) * (2**-3 + 2**-7) + 1e-6
+    assert ((deq - wdeq).abs().nan_to_num() <= step).all(), f"{name}: q * scale off the reference by over a step"
 
 
 def autocast_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, backend: str) -> list[float]:

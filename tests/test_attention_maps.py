@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -114,7 +115,7 @@ def test_maps_equal_the_explicit_softmax_of_the_models_own_q_and_k(backend, dtyp
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_maps_on_the_gpu_backends_in_bf16(backend):
     q = torch.ones(1, 3, 65, 64, device="cuda", dtype=torch.bfloat16)
     reasons = vit_fast.backends.reasons(backend, "attention", (q, q, q), {})

@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from vit_fast import backends
-from vit_fast.tolerance import ATOL
+from vit_fast.tolerance import ATOL, assert_close
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -47,6 +47,12 @@ def _kernel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def _check_dot(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The kernel's fp32 dot of bf16 a, b by the tolerance rule: bf16 products are exact in fp32, only the
+    summation order differs from torch's."""
+    assert_close(_kernel_dot(a, b), a.float() @ b.float(), a.double() @ b.double(), name="tl.dot")
+
+
 @pytest.fixture
 def builder(monkeypatch):
     """Swap the interpreter's create_dot within a test; the dispatcher's cached answer follows both ways."""
@@ -62,21 +68,20 @@ def builder(monkeypatch):
 
 def test_the_correction_is_needed_and_a_fixed_interpreter_makes_it_a_no_op(builder):
     a, b = torch.randn(16, 16).to(BF16), torch.randn(16, 16).to(BF16)
-    want = a.float() @ b.float()  # bf16 products are exact in fp32; only the summation order differs
     if interpreter_bf16.ORIGINAL is None:  # this Triton computes bf16 dots right: nothing was installed
         assert kernels.interpreter_bf16_dot_ok() and not hasattr(interpreter.InterpreterBuilder.create_dot, "corrects")
-        torch.testing.assert_close(_kernel_dot(a, b), want, atol=1e-4, rtol=1e-4)
+        _check_dot(a, b)
         return
-    torch.testing.assert_close(_kernel_dot(a, b), want, atol=1e-4, rtol=1e-4)
+    _check_dot(a, b)
     builder(interpreter_bf16.ORIGINAL)  # the interpreter as released: raw uint16 bit patterns multiplied
     assert not kernels.interpreter_bf16_dot_ok()
-    assert (_kernel_dot(a, b) - want).abs().max() > 1e3
+    assert (_kernel_dot(a, b) - a.float() @ b.float()).abs().max() > 1e3
     # A release that fixes it (here: one that widens bf16 itself, without the correction's marker)
     fixed = interpreter_bf16.corrected(interpreter_bf16.ORIGINAL)
     del fixed.corrects
     builder(fixed)
     assert interpreter_bf16.install() is False and interpreter.InterpreterBuilder.create_dot is fixed
-    torch.testing.assert_close(_kernel_dot(a, b), want, atol=1e-4, rtol=1e-4)
+    _check_dot(a, b)
 
 
 @triton.jit

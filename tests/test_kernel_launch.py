@@ -19,11 +19,14 @@ import pytest
 import torch
 import triton
 import vit_fast.kernels as kernels
+from helpers import KERNEL_BACKENDS
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map_only
 
 from vit_fast import backends
 from vit_fast.backends import Facts
+from vit_fast.ops import attention_ref
+from vit_fast.tolerance import assert_close
 
 attention = pytest.importorskip("vit_fast.kernels.attention")
 layer_norm = pytest.importorskip("vit_fast.kernels.layer_norm")
@@ -38,7 +41,6 @@ LAUNCHERS = {
     layernorm_mlp: ("layernorm_mlp_fwd", "layernorm_mlp_bwd"),
     patch_embed: ("patch_embed_fwd", "patch_embed_bwd"),
 }
-LAUNCHERS_OPS = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
 AUTOTUNED = [attention._attention_fwd_tuned, attention._attention_bwd_dkdv_tuned, attention._attention_bwd_dq_tuned,
              layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
              gemm._gemm_tuned, scaled_gemm._scaled_gemm_tuned, patch_embed._patch_embed_fwd_kernel,
@@ -80,9 +82,8 @@ def test_attention_on_the_second_gpu_without_set_device():
     q, k, v = (torch.randn(2, 3, 197, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
     out, _ = attention.attention_fwd(q, k, v, 0.125)
     torch.cuda.synchronize(1)
-    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125)
     assert out.device == q.device
-    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    assert_close(out, attention_ref(q, k, v, scale=0.125), attention_ref(q, k, v, scale=0.125, upcast=True))
 
 
 # ---- autotuning: the fixed mode, capture, keys -----------------------------------------------------------------
@@ -279,10 +280,12 @@ def test_no_package_code_reads_the_legacy_tf32_flags():
     assert not found, "\n".join(found)
 
 
-GEMM_OPS = {"attention": torch.float32, "layernorm_mlp": torch.float32, "patch_embed": torch.float32}
+# The ops whose Triton kernels run fp32 GEMMs off the tensor cores: their limits keep auto to the GEMM dtypes listed.
+GEMM_OPS = [op for op in backends.ops() if "triton" in backends.implemented(op)
+            and backends.limits(op, "triton").auto_gemm_dtypes is not None]
 
 
-@pytest.mark.parametrize("op", sorted(GEMM_OPS))
+@pytest.mark.parametrize("op", GEMM_OPS)
 def test_auto_leaves_fp32_gemm_work_to_the_reference(op):
     """The triton backend runs fp32 when chosen (IEEE FMA dot products), but auto never picks it for them."""
     limits = backends.limits(op, "triton")
@@ -291,34 +294,38 @@ def test_auto_leaves_fp32_gemm_work_to_the_reference(op):
     assert not limits.auto_reasons(Facts(gemm_dtype=torch.float16))
 
 
-@pytest.mark.parametrize("op", sorted(GEMM_OPS))
+@pytest.mark.parametrize("op", GEMM_OPS)
 def test_auto_on_cuda_skips_triton_for_fp32_even_when_a_policy_ranks_it_first(monkeypatch, op):
     monkeypatch.setattr(backends.policy, "choose", lambda *a, **k: (("triton", "reference"), {"triton": 2.0}, "test"))
     for dtype, want in ((torch.float32, "reference"), (torch.bfloat16, "triton")):
         with FakeTensorMode():  # the op's example inputs on cuda, without a GPU
             args, kwargs = tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="cuda"),
-                                         backends._OPS[op].example(dtype))
+                                         backends.example(op, dtype))
             assert backends.pick(op, args, kwargs, setting="auto").backend == want, dtype
 
 
 # ---- capability and ROCm -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["backend=triton", "backend=cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, ids=lambda b: f"backend={b}")
 def test_capability_below_8_is_a_reason(monkeypatch, backend):
+    """Every op the backend declares needs at least sm 8.0 (the FP8 ops 8.9), and a lower one is a reason."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backends, "_capability", lambda index: (7, 5))
-    for op in LAUNCHERS_OPS:
+    monkeypatch.setattr(backends, "capability", lambda index: (7, 5))
+    declared = [op for op in backends.ops() if backends.limits(op, backend) is not None]
+    assert declared
+    for op in declared:
         limits = backends.limits(op, backend)
-        assert limits.min_capability == (8, 0)
+        assert limits.min_capability >= (8, 0), op
+        need = ".".join(map(str, limits.min_capability))
         why = limits.reasons(Facts(), torch.device("cuda", 0), {torch.float16})
-        assert "compute capability 7.5 < 8.0" in why
+        assert f"compute capability 7.5 < {need}" in why, op
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["backend=triton", "backend=cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, ids=lambda b: f"backend={b}")
 def test_rocm_is_refused_by_name(monkeypatch, backend):
     monkeypatch.setattr(torch.version, "hip", "6.4.0")
-    args, kwargs = backends._OPS["layer_norm"].example(torch.float16)
+    args, kwargs = backends.example("layer_norm", torch.float16)
     why = backends.reasons(backend, "layer_norm", args, kwargs, device=torch.device("cuda"))
     assert any("ROCm" in w for w in why)
     monkeypatch.setattr(torch.version, "hip", None)

@@ -124,9 +124,10 @@ def test_triton_saves_fp32_statistics():
     x, w, b = (t.detach() for t in _inputs((2, 13, 64), torch.float16))
     y, mean, rstd = torch.ops.vit_fast.layer_norm_fwd_triton(x, w, b, 1e-6)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (26,)
-    x32 = x.float().reshape(26, 64)
-    torch.testing.assert_close(mean, x32.mean(-1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rstd, torch.rsqrt(x32.var(-1, unbiased=False) + 1e-6), atol=1e-4, rtol=1e-4)
+    same, oracle = (x.to(dt).reshape(26, 64) for dt in (torch.float32, torch.float64))
+    assert_close(mean, same.mean(-1), oracle.mean(-1), name="mean")
+    assert_close(rstd, torch.rsqrt(same.var(-1, unbiased=False) + 1e-6),
+                 torch.rsqrt(oracle.var(-1, unbiased=False) + 1e-6), name="rstd")
 
 
 @needs_triton

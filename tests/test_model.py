@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 import timm
 import torch
-from helpers import autocast_losses
+from helpers import KERNEL_BACKENDS, autocast_losses
 
 import vit_fast
 from vit_fast import ops
@@ -219,6 +219,7 @@ def test_triton_model_logits_and_every_gradient_match_the_reference():
         assert_close(g, ref_grads[n], ref_grads[n], name=n)
 
 
+@pytest.mark.slow  # 8 AdamW steps under the interpreter: 45 s, most of the plain run's budget for one test
 def test_triton_model_trains_end_to_end():
     _triton_runs()
     torch.manual_seed(0)
@@ -237,7 +238,7 @@ def test_triton_model_trains_end_to_end():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_autocast_bf16_training_loss_curve_matches_the_reference(backend):
     """A few AdamW steps of a ViT-S-shaped model under bf16 autocast: the loss curve follows the reference's."""
     x = torch.randn(16, 3, 64, 64, device="cuda")

@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_fast
-from vit_fast import backends, explanation, ops, policy
+from vit_fast import backends, ops, policy
 from vit_fast.backends import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,27 +251,26 @@ def test_on_cpu_auto_runs_the_reference_even_where_a_policy_ranks_a_kernel(monke
     assert p.backend == "reference" and "triton measured 1.31x" in p.why and p.speedups["triton"] == 1.31
 
 
-def test_explain_names_the_policy_in_force_and_the_measured_speedups():
-    _write(_user_file(), _doc())
-    p = _pick()
-    rows = explanation._rows_for("attention", "attention", p.reasons, p.backend, CUDA0, p)
-    text = str(explanation.Explanation(f"title; {policy.describe(CUDA0)}", rows))
-    assert str(_user_file()) in text and "measured 2026-01-01 on NVIDIA H200 (sm 9.0)" in text
-    triton_line = next(ln for ln in text.splitlines()[2:] if " triton " in ln)
-    assert "1.31x" in triton_line and "<- picked" in triton_line
-    assert "triton measured 1.31x the reference" in triton_line
-    assert [r["speedup"] for r in rows] == [1.0, 1.31, 0.8]
-
-
 @pytest.fixture
 def fake_h200(monkeypatch):
     """vit_fast.explain("cuda") itself on the faked H200: CUDA visible, capability 9.0, and its example inputs fake
     tensors on cuda (nothing is allocated, no GPU is asked)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(backends, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(backends, "capability", lambda index: (9, 0))
     with FakeTensorMode():
         yield
+
+
+def test_explain_names_the_policy_in_force_and_the_measured_speedups(fake_h200):
+    _write(_user_file(), _doc())  # attention's example inputs fall in the measured bucket
+    ex = vit_fast.explain("cuda")
+    text = str(ex)
+    assert str(_user_file()) in text and "measured 2026-01-01 on NVIDIA H200 (sm 9.0)" in text
+    triton_line = next(ln for ln in text.splitlines()[2:] if ln.startswith("attention ") and " triton " in ln)
+    assert "1.31x" in triton_line and "<- picked" in triton_line
+    assert "triton measured 1.31x the reference" in triton_line
+    assert [r["speedup"] for r in ex.rows if r["op"] == "attention"] == [1.0, 1.31, 0.8]
 
 
 def test_explain_on_a_gpu_without_a_policy_says_the_reference_runs_and_how_to_tune(fake_h200):
@@ -317,7 +316,7 @@ def test_the_pick_under_torch_compile_reads_the_policy_without_a_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     (q, _, _), _ = _qkv()
-    assert torch.equal(compiled(q), q * 2) and list(policy._FOUND) == ["cuda:0"]
+    assert torch.equal(compiled(q), q * 2) and policy.looked_up() == ("cuda:0",)
     (q, _, _), _ = _qkv(requires_grad=True)  # the fwd+bwd entry is not measured: the reference
     assert torch.equal(compiled(q), q)
 
@@ -327,7 +326,7 @@ def test_importing_vit_fast_reads_no_policy(tmp_path):
     """Nothing is looked up at import: a broken policy warns only at the first pick."""
     bad = _write(tmp_path / "bad.json", "{not json")
     code = ("import warnings; warnings.simplefilter('error', UserWarning)\n"
-            "import vit_fast; from vit_fast import policy; assert not policy._FOUND; print('imported')\n"
+            "import vit_fast; from vit_fast import policy; assert not policy.looked_up(); print('imported')\n"
             "vit_fast.explain('cpu')\n")
     env = {**os.environ, policy.ENV: str(bad)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -8,6 +8,9 @@ a second; the ``slow``-marked copies (``pytest -m slow``) draw many more example
 
 The same-dtype reference the rule measures against runs on contiguous copies of the inputs: a backend must not
 be further off for strided views than PyTorch's own computation on dense tensors.
+
+The forward-only quantized ops (e4m3 and int8 results, no float64 oracle) are compared with the reference on
+contiguous copies by the rule their contract case uses (tests/helpers.py); int8_linear runs on the reference only.
 """
 
 from __future__ import annotations
@@ -18,24 +21,24 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import (
+    attention_fp8_close,
+    column_slice,
+    every_other,
+    fp8_rows_close,
+    gemm_close,
+    int8_linear_args,
+    public,
+    reference,
+    tensor_close,
+    transposed,
+)
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from torch.utils._pytree import tree_map_only
 
 import vit_fast
 from vit_fast import backends
-from vit_fast.ops import (
-    attention,
-    attention_packed,
-    attention_packed_ref,
-    attention_ref,
-    layer_norm,
-    layer_norm_ref,
-    layernorm_mlp,
-    layernorm_mlp_ref,
-    patch_embed,
-    patch_embed_ref,
-)
 from vit_fast.tolerance import excess
 
 # database=None: the example database would be written into the working tree (.hypothesis/); the printed
@@ -429,52 +432,53 @@ def patch_embed_cases(draw, budget: Budget) -> PatchEmbedCase:
 
 # ---- the property ------------------------------------------------------------------------------------------------
 
-OPS: dict[str, tuple[Callable, Callable]] = {
-    "attention": (attention, attention_ref),
-    "attention_packed": (attention_packed, attention_packed_ref),
-    "layer_norm": (layer_norm, layer_norm_ref),
-    "layernorm_mlp": (layernorm_mlp, layernorm_mlp_ref),
-    "patch_embed": (patch_embed, patch_embed_ref),
-}
-
-
 def _grads(out: torch.Tensor, leaves: list[torch.Tensor], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, leaves, dout)
 
 
-def check(case: Case, backend: str) -> None:
-    """``backend`` runs ``case`` (forward, and backward of a random dout) within the tolerance rule of the fp64
-    oracle, and the launch records show that it, not a fallback, ran: none at all for an empty batch. Where it
-    refuses the inputs it must be for bf16 (the Triton interpreter's bf16 tl.dot, unless tests/conftest.py
-    installed its correction), and the call must raise naming that reason."""
-    public, ref = OPS[case.entry]
-    g = torch.Generator().manual_seed(case.seed + 1)
-    masters = case.leaves()
-    low = [m.to(case.dtype).requires_grad_() for m in masters]
-    args, kwargs = case.inputs(low)
-    empty = math.prod(case.out_shape) == 0 or any(t.numel() == 0 for t in low)
-
-    why = [] if empty else backends.reasons(backend, case.op, *case.dispatch_inputs(args, kwargs))
+def _runs(backend: str, op: str, dtype: torch.dtype, fn: Callable, args: tuple, kwargs: dict,
+          dispatched: tuple[tuple, dict], empty: bool) -> bool:
+    """Whether ``backend`` runs these inputs (``dispatched``: the op's own, which the dispatcher picks on). Where
+    it refuses them it must be for bf16 (the Triton interpreter's bf16 tl.dot, unless tests/conftest.py installed
+    its correction), and the call must raise naming that reason."""
+    why = [] if empty else backends.reasons(backend, op, *dispatched)
     # what the examples exercised, in --hypothesis-show-statistics
-    event(f"{str(case.dtype)[6:]}, {'empty batch' if empty else 'refused' if why else 'ran'}")
+    event(f"{str(dtype)[6:]}, {'empty batch' if empty else 'refused' if why else 'ran'}")
     if why:
-        assert case.dtype == torch.bfloat16 and any("bfloat16" in w for w in why), f"{backend} refused: {why}"
+        assert dtype == torch.bfloat16 and any("bfloat16" in w for w in why), f"{backend} refused: {why}"
         with pytest.raises(backends.BackendUnavailableError, match="bfloat16"), vit_fast.set_backend(backend):
-            public(*args, **kwargs)
-        return
+            fn(*args, **kwargs)
+    return not why
 
-    with vit_fast.set_backend(backend), backends.trace() as launches:
-        out = public(*args, **kwargs)
-        dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-        grads = _grads(out, low, dout)
 
+def _assert_ran(launches: list[backends.Launch], op: str, backend: str, empty: bool, phases: tuple[str, ...]) -> None:
+    """The launch records show that ``backend``, not a fallback, ran each phase: none at all for an empty batch."""
     ran = {(r.op, r.backend, r.phase) for r in launches}
     if empty:  # nothing to compute: the reference returns the empty result, no kernel is launched
         assert all(r.backend == "reference" for r in launches), f"empty input launched {ran}"
     else:
         assert {r.backend for r in launches} == {backend}, f"{backend} under test, launches {ran}"
-        want = {(case.op, backend, "fwd")} | ({(case.op, backend, "bwd")} if backend != "reference" else set())
+        want = {(op, backend, phase) for phase in phases}
         assert want <= ran, f"missing launches {want - ran}; got {ran}"
+
+
+def check(case: Case, backend: str) -> None:
+    """``backend`` runs ``case`` (forward, and backward of a random dout) within the tolerance rule of the fp64
+    oracle, and the launch records show that it ran (see :func:`_runs` for the inputs it may refuse)."""
+    fn, ref = public(case.entry), reference(case.entry)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    masters = case.leaves()
+    low = [m.to(case.dtype).requires_grad_() for m in masters]
+    args, kwargs = case.inputs(low)
+    empty = math.prod(case.out_shape) == 0 or any(t.numel() == 0 for t in low)
+    if not _runs(backend, case.op, case.dtype, fn, args, kwargs, case.dispatch_inputs(args, kwargs), empty):
+        return
+
+    with vit_fast.set_backend(backend), backends.trace() as launches:
+        out = fn(*args, **kwargs)
+        dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        grads = _grads(out, low, dout)
+    _assert_ran(launches, case.op, backend, empty, ("fwd",) if backend == "reference" else ("fwd", "bwd"))
     assert tuple(out.shape) == case.out_shape, f"out shape {tuple(out.shape)} != {case.out_shape}"
     assert out.dtype == case.dtype, f"out dtype {out.dtype} != {case.dtype}"
     assert all(d.dtype == t.dtype for d, t in zip(grads, low, strict=True)), "a gradient's dtype differs from its input"
@@ -635,3 +639,189 @@ def test_patch_embed_triton(case):
 @given(case=patch_embed_cases(TRITON_SLOW))
 def test_patch_embed_triton_slow(case):
     check(case, "triton")
+
+
+# ---- the quantized-inference ops: forward only ---------------------------------------------------------------------
+#
+# There is no float64 oracle of a quantized result: a backend's output on the drawn views is compared with the
+# reference's on contiguous copies by the rule the op's contract case uses (tests/helpers.py).
+
+
+@dataclass(frozen=True)
+class ForwardOnlyCase:
+    """One drawn example of a forward-only op: its sizes, the layout of its inputs and one flag, by op
+    (:data:`FORWARD_ONLY`); ``inputs()`` builds them from ``seed``."""
+
+    op: str
+    dtype: torch.dtype
+    seed: int
+    dims: tuple[int, ...]
+    layout: str = "contiguous"
+    flag: bool = False
+
+    def inputs(self) -> tuple[tuple, dict]:
+        return FORWARD_ONLY[self.op].make(self, torch.Generator().manual_seed(self.seed))
+
+
+def _rows_of(case: ForwardOnlyCase, g: torch.Generator) -> torch.Tensor:
+    """(M, C) rows, ``dims[:2]``, through one of :data:`ROW_LAYOUTS`' views."""
+    m, c = case.dims[:2]
+    return _row_view(_row_leaf(g, case.layout, 1, m, c).to(case.dtype), case.layout, c)[0]
+
+
+def _quantize_rows_args(case: ForwardOnlyCase, g: torch.Generator) -> tuple[tuple, dict]:
+    """flag: gelu."""
+    return (_rows_of(case, g),), {"gelu": case.flag}
+
+
+def _layer_norm_fp8_args(case: ForwardOnlyCase, g: torch.Generator) -> tuple[tuple, dict]:
+    """flag: weight and bias as every other element of a longer buffer."""
+    x, c = _rows_of(case, g), case.dims[1]
+    w, b = (_randn(g, c, std=0.5, mean=mean).to(case.dtype) for mean in (1.0, 0.0))
+    return ((x, every_other(w), every_other(b)) if case.flag else (x, w, b)), {"eps": 1e-6}
+
+
+def _scaled_linear_args(case: ForwardOnlyCase, g: torch.Generator) -> tuple[tuple, dict]:
+    """dims (M, K, N, G): G activation scales per row, one per K / G columns. layout "strided": x_q a column
+    window of a wider buffer, weight_q column-major, the scales every other element. flag: a bias."""
+    m, k, n, groups = case.dims
+    quantize = vit_fast.ops.scaled_linear.quantize_rows_ref
+    x_q, x_scale = quantize(_randn(g, m * groups, k // groups))
+    x_q, x_scale = x_q.view(m, k), x_scale.view(m, groups) if groups > 1 else x_scale
+    w_q, w_scale = quantize(_randn(g, n, k, std=k**-0.5))
+    if case.layout == "strided":
+        x_q, x_scale, w_q, w_scale = column_slice(x_q), every_other(x_scale), transposed(w_q), every_other(w_scale)
+    bias = _randn(g, n, std=0.5).to(case.dtype) if case.flag else None
+    return (x_q, x_scale, w_q, w_scale, bias), {"out_dtype": case.dtype}
+
+
+def _attention_fp8_args(case: ForwardOnlyCase, g: torch.Generator) -> tuple[tuple, dict]:
+    """dims (B, H, N, D) and the layout of :class:`AttentionCase`'s q, k, v views; flag: the default scale."""
+    a = AttentionCase(case.dtype, case.seed, *case.dims, case.layout, None if case.flag else 0.3)
+    return a.inputs([t.to(case.dtype) for t in a.leaves()])
+
+
+def _int8_linear_args(case: ForwardOnlyCase, g: torch.Generator) -> tuple[tuple, dict]:
+    """dims (M, K, N): float32 x (M, K) and a Linear (K -> N) of seeded weights."""
+    _, k, n = case.dims
+    linear = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        linear.weight.copy_(_randn(g, n, k, std=k**-0.5))
+        linear.bias.copy_(_randn(g, n, std=0.5))
+    return int8_linear_args(_rows_of(case, g), linear)
+
+
+@dataclass(frozen=True)
+class ForwardOnly:
+    """A forward-only op's property data: its inputs, its contract's comparison with the reference, the float
+    dtypes it takes and the layouts its inputs are drawn in."""
+
+    make: Callable[[ForwardOnlyCase, torch.Generator], tuple[tuple, dict]]
+    close: Callable[[object, object, str], None]
+    dtypes: tuple[torch.dtype, ...] = DTYPES
+    layouts: tuple[str, ...] = ROW_LAYOUTS[:4]  # the (M, C) ones
+
+
+FORWARD_ONLY = {
+    "quantize_rows": ForwardOnly(_quantize_rows_args, fp8_rows_close),
+    "layer_norm_fp8": ForwardOnly(_layer_norm_fp8_args, fp8_rows_close),
+    "scaled_linear": ForwardOnly(_scaled_linear_args, gemm_close, layouts=("contiguous", "strided")),
+    "attention_fp8": ForwardOnly(_attention_fp8_args, attention_fp8_close,
+                                 layouts=tuple(a for a in ATTENTION_LAYOUTS if a != "packed_entry")),
+    "int8_linear": ForwardOnly(_int8_linear_args, tensor_close, dtypes=(torch.float32,)),  # fbgemm: float32 only
+}
+
+
+def test_every_declared_op_and_entry_point_has_property_tests():
+    model_ops = {case.op for case in (AttentionCase, LayerNormCase, LayerNormMlpCase, PatchEmbedCase)}
+    assert model_ops | set(FORWARD_ONLY) == set(backends.ops())
+    assert not model_ops & set(FORWARD_ONLY)
+    entry_points = {v for op in backends.ops() for v in backends.variants(op)}
+    assert entry_points == {AttentionCase(torch.float32, 0, layout="packed_entry").entry}
+
+
+@dataclass(frozen=True)
+class ForwardOnlyBudget:
+    rows: int  # M of the row ops and the GEMMs
+    width: int  # their C, K and N
+    attention: Budget
+
+
+FORWARD_REFERENCE = ForwardOnlyBudget(rows=600, width=1024, attention=REFERENCE)
+FORWARD_TRITON_FAST = ForwardOnlyBudget(rows=12, width=96, attention=TRITON_FAST)
+FORWARD_TRITON_SLOW = ForwardOnlyBudget(rows=200, width=320, attention=TRITON_SLOW)
+
+
+@st.composite
+def forward_only_cases(draw, op: str, budget: ForwardOnlyBudget, triton: bool) -> ForwardOnlyCase:
+    data = FORWARD_ONLY[op]
+    dtype, seed = draw(st.sampled_from(data.dtypes)), draw(seeds)
+    flag, layout = draw(st.booleans()), draw(st.sampled_from(data.layouts))
+    if op == "attention_fp8":
+        a = draw(attention_cases(budget.attention, triton).filter(lambda a: a.layout in data.layouts))
+        return ForwardOnlyCase(op, dtype, seed, (a.B, a.H, a.N, a.D), a.layout, flag)
+    m = draw(st.integers(0, budget.rows))
+    if op == "scaled_linear":
+        groups = draw(st.sampled_from((1, 1, 2, 3)))
+        k = groups * 16 * draw(st.integers(1, max(1, budget.width // (16 * groups))))  # groups of 16 columns
+        n = draw(st.integers(1, budget.width))
+        return ForwardOnlyCase(op, dtype, seed, (m, k, n, groups), layout, flag)
+    # GELU rows at least 8 wide: where every value of a row lies in GELU's far negative tail (x < -2.7), 1 + erf
+    # cancels in fp32 and the row's scale is off the exact one by ~1e-4 in the reference and the kernel alike,
+    # beyond the fp32 rounding the contract's rule allows the kernel's scale from the reference's.
+    dims = (m, draw(_widths(budget.width).filter(lambda c: c >= 8 or not (op == "quantize_rows" and flag))))
+    if op == "int8_linear":
+        dims += (draw(_widths(budget.width)),)
+    return ForwardOnlyCase(op, dtype, seed, dims, layout, flag)
+
+
+def check_forward_only(case: ForwardOnlyCase, backend: str) -> None:
+    """``backend``'s output on the drawn views against the reference's on contiguous copies by the op's contract
+    rule, and the launch records show that it ran (see :func:`_runs` for the inputs it may refuse)."""
+    fn, ref = public(case.op), reference(case.op)
+    args, kwargs = case.inputs()
+    empty = any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in args)
+    if not _runs(backend, case.op, case.dtype, fn, args, kwargs, (args, kwargs), empty):
+        return
+    with vit_fast.set_backend(backend), backends.trace() as launches:
+        out = fn(*args, **kwargs)
+    _assert_ran(launches, case.op, backend, empty, ("fwd",))
+    sargs, skwargs = tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
+    FORWARD_ONLY[case.op].close(out, ref(*sargs, **skwargs), f"{case} on {backend}")
+
+
+# One function per (backend, run), parametrized over the ops: the op picks the strategy, so cases are drawn with
+# st.data() (the falsifying draws are printed).
+TRITON_FORWARD_ONLY = [op for op in FORWARD_ONLY if "triton" in backends.implemented(op)]
+
+
+@pytest.mark.parametrize("op", list(FORWARD_ONLY))
+@_fast(8)
+@given(data=st.data())
+def test_forward_only_reference(op, data):
+    check_forward_only(data.draw(forward_only_cases(op, FORWARD_REFERENCE, triton=False)), "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", list(FORWARD_ONLY))
+@SLOW
+@given(data=st.data())
+def test_forward_only_reference_slow(op, data):
+    check_forward_only(data.draw(forward_only_cases(op, FORWARD_REFERENCE, triton=False)), "reference")
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("op", TRITON_FORWARD_ONLY)
+@_fast(10)
+@given(data=st.data())
+def test_forward_only_triton(op, data):
+    check_forward_only(data.draw(forward_only_cases(op, FORWARD_TRITON_FAST, triton=True)), "triton")
+
+
+@needs_triton_cpu
+@pytest.mark.slow
+@pytest.mark.parametrize("op", TRITON_FORWARD_ONLY)
+@SLOW
+@given(data=st.data())
+def test_forward_only_triton_slow(op, data):
+    check_forward_only(data.draw(forward_only_cases(op, FORWARD_TRITON_SLOW, triton=True)), "triton")

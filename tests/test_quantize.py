@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gemm_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,7 @@ from vit_fast.quantization import (
     save_quantized,
     supported_formats,
 )
+from vit_fast.tolerance import assert_close
 
 FP8_BOUND, INT8_BOUND = 0.15, 0.1
 
@@ -102,7 +104,7 @@ def test_layer_norm_kernel_keeps_its_plain_variant():
     x, w, b = torch.randn(9, 48), torch.randn(48), torch.randn(48)
     with vit_fast.set_backend("triton"):
         y = vit_fast.ops.layer_norm(x, w, b, eps=1e-6)
-    torch.testing.assert_close(y, F.layer_norm(x, (48,), w, b, 1e-6), atol=1e-5, rtol=1e-5)
+    assert_close(y, F.layer_norm(x, (48,), w, b, 1e-6), F.layer_norm(x.double(), (48,), w.double(), b.double(), 1e-6))
 
 
 def test_scaled_linear_applies_row_and_channel_scales():
@@ -116,6 +118,26 @@ def test_scaled_linear_applies_row_and_channel_scales():
     assert _rel(out, F.linear(x, w, bias)) < 0.06
     with pytest.raises(ValueError, match="x_scale"):
         q.scaled_linear(xq, xs[:-1], wq, ws, bias, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["scaled_mm", "fp32_product"])
+def test_scaled_linear_reference_paths_agree_on_edge_shapes(monkeypatch, rowwise):
+    """Both CPU paths of the reference (torch._scaled_mm where it takes row-wise scales, the exact fp32 product
+    where it does not, as on torch 2.11): one row, one output, strided size-1 scales, an empty batch."""
+    from vit_fast.ops import scaled_linear as sl
+
+    if rowwise and not sl._CPU_ROWWISE:
+        pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
+    monkeypatch.setattr(sl, "_CPU_ROWWISE", rowwise)
+    q = _ops()
+    for m, n in ((1, 1), (1, 24), (9, 1), (0, 24)):
+        xq, xs = q.quantize_rows_ref(torch.randn(m, 32))
+        wq, ws = q.quantize_rows_ref(torch.randn(n, 32) * 0.1)
+        xs, ws = torch.stack([xs, xs], -1).view(-1)[::2], torch.stack([ws, ws], -1).view(-1)[::2]  # stride 2
+        out = q.scaled_linear_ref(xq, xs, wq, ws, None, out_dtype=torch.bfloat16)
+        exact = q.scaled_linear_ref(xq, xs, wq, ws, None, out_dtype=torch.float32, upcast=True)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=1e-6)  # one bf16 rounding of the product
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -134,7 +156,7 @@ def test_scaled_linear_with_a_scale_per_row_and_head(backend):
         out = q.scaled_linear(xq, xs, wq, ws, bias, out_dtype=torch.float32)
     assert {(r.op, r.backend) for r in launches} == {("scaled_linear", backend)}
     dequantized = (xq.float().view(13, heads, d) * xs[..., None]).view(13, -1)
-    torch.testing.assert_close(out, F.linear(dequantized, wq.float() * ws[:, None], bias), rtol=1e-5, atol=1e-4)
+    gemm_close(out, F.linear(dequantized, wq.float() * ws[:, None], bias), "out")
     # one scale per row would have flushed the small head to zero: per head it survives
     assert _rel(out, F.linear(x.reshape(13, -1), w, bias)) < 0.06
 

@@ -93,7 +93,7 @@ class Limits:
         if device.type not in self.devices:
             why.append(f"device {device.type} not supported (needs {' or '.join(self.devices)})")
         elif device.type == "cuda" and torch.cuda.is_available():
-            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+            cap = capability(device.index if device.index is not None else torch.cuda.current_device())
             if cap < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
                 why.append(f"compute capability {cap[0]}.{cap[1]} < {need}")
@@ -120,7 +120,9 @@ class Limits:
 _CAPABILITY: dict[int, tuple[int, int]] = {}  # asked once per device, at the first pick on it, never at import
 
 
-def _capability(index: int) -> tuple[int, int]:
+def capability(index: int) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index``, as the limits read it. Tests replace this function
+    (monkeypatch) to fake a GPU's capability without one."""
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return _CAPABILITY[index]
@@ -167,7 +169,7 @@ def triton_interpreter() -> bool:
 TRITON_FLOOR: tuple[int, int] = (3, 4)
 
 
-def _triton_too_old() -> str | None:
+def triton_too_old() -> str | None:
     """Why the installed triton is below :data:`TRITON_FLOOR`, or None (also when its version is not known: a
     build under another distribution name, such as pytorch-triton, is not second-guessed)."""
     try:
@@ -185,7 +187,7 @@ def _probe_environment() -> None:
     """Record, once at import, which backends can run at all. Cheap: no GPU query, no heavy import."""
     if importlib.util.find_spec("triton") is None:
         _UNAVAILABLE["triton"] = "triton is not installed (pip install triton)"
-    elif (old := _triton_too_old()) is not None:
+    elif (old := triton_too_old()) is not None:
         _UNAVAILABLE["triton"] = old
     try:
         importlib.import_module("vit_fast._C")  # registers torch.ops.vit_fast.* on load
@@ -241,6 +243,11 @@ def mark_unavailable(backend: str, why: str) -> None:
 def ops() -> tuple[str, ...]:
     """Every declared op, in declaration order."""
     return tuple(_OPS)
+
+
+def variants(op: str) -> tuple[str, ...]:
+    """``op``'s other entry points (:func:`register_variant`), in registration order."""
+    return tuple(_OPS[op].variants)
 
 
 def implemented(op: str) -> tuple[str, ...]:

@@ -88,13 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vit_fast.backends import CHOICES
+
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `vit-fast train` run directory")
     parser.add_argument("--quantize", nargs="+", choices=["fp8", "int8"], default=None,
                         help="also evaluate the model quantized to these formats, beside the unquantized one")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     parser.add_argument("--data-dir", default=None, help="dataset folder (CIFAR, ImageFolder; digits needs none)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if visible)")
-    parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda"],
+    parser.add_argument("--backend", default=None, choices=CHOICES,
                         help="vit_fast backend (default: the current setting)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     return parser

@@ -279,6 +279,11 @@ def found(device: torch.device | str) -> Found:
     return _FOUND[key]
 
 
+def looked_up() -> tuple[str, ...]:
+    """The devices ("cuda:0", "cpu") whose policy has been looked up since import or :func:`reset`."""
+    return tuple(_FOUND)
+
+
 def reset() -> None:
     """Forget what was looked up: the next pick reads the policy files again (after ``vit-fast tune``, in
     tests). Graphs already compiled keep the choices they were traced with."""

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from vit_fast import ops
 from vit_fast.config import ViTConfig, get_config
 
-OPS: tuple[str, ...] = ("attention", "layer_norm", "layernorm_mlp", "patch_embed")
 OP_MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SEQ_LENS: tuple[int, ...] = (65, 197, 257, 577, 1025)  # CIFAR/4, /16 at 224, /14 at 224, /16 at 384, /16 at 512
@@ -400,3 +399,4 @@ class PatchEmbedBench(OpBench):
 
 OP_BENCHES: dict[str, OpBench] = {b.name: b for b in (AttentionBench(), LayerNormBench(), LayerNormMlpBench(),
                                                         PatchEmbedBench())}
+OPS: tuple[str, ...] = tuple(OP_BENCHES)

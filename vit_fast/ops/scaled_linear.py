@@ -109,12 +109,17 @@ def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.
             or (x_q.device.type == "cpu" and not _CPU_ROWWISE)):
         y = _fp8_product(x_q, x_scale, weight_q, weight_scale)
         return (y if bias is None else y + bias.float()).to(out_dtype)
-    x_scale = x_scale.reshape(-1)
     # Row-wise scaling: (M, 1) for the activations, (1, N) for the weights; mat2 is column-major (w_q^T).
-    # _scaled_mm takes contiguous scales only: a strided (M,) view is copied, a contiguous one is not.
-    return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.contiguous().view(-1, 1),
-                            scale_b=weight_scale.contiguous().view(1, -1),
+    return torch._scaled_mm(x_q, weight_q.t(), scale_a=_row_major(x_scale, (x_scale.numel(), 1)),
+                            scale_b=_row_major(weight_scale, (1, weight_scale.numel())),
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+
+
+def _row_major(scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``scale`` as ``shape`` with row-major strides, copied only when it has others: _scaled_mm checks them even
+    on a size-1 dimension, where ``.contiguous()`` keeps whatever stride the view had."""
+    scale = scale.reshape(shape)
+    return scale if scale.stride() == (shape[1], 1) else scale.clone(memory_format=torch.contiguous_format)
 
 
 def int8_linear_ref(x: torch.Tensor, packed: object, *, reduce_range: bool) -> torch.Tensor:
