@@ -127,6 +127,7 @@ def deliver(out: str) -> None:
         return
     name = os.path.basename(out)
     os.makedirs(dest, exist_ok=True)
+    # by hand, not vit_fast's atomic_write: this parent process runs before vit_fast is known to import
     tmp = os.path.join(dest, f".{name}.tar.gz.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(out, arcname=name)
@@ -415,6 +416,7 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
     import vit_fast
     from vit_fast import backends
     from vit_fast.bench.cases import OP_BENCHES, Inputs, run_once, seed
+    from vit_fast.fileio import atomic_write
     from vit_fast.tolerance import worst_excess
 
     rows: list[dict] = []
@@ -460,10 +462,7 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
             rows.append(row)
             print(f"{row['status']:<4} {entry:<16} {backend:<9} {dtype_name:<8} {row['shape']:<22} "
                   f"{row['detail']}", flush=True)
-            tmp = json_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"device": str(dev), "rows": rows}, f, indent=1)
-            os.replace(tmp, json_path)
+            atomic_write(json_path, json.dumps({"device": str(dev), "rows": rows}, indent=1))
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

@@ -78,17 +78,10 @@ def _scaled_gemm_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
-
-
-# Autotune lists look alike across kernels (attention's too): triton.autotune takes its configs as such a list.
+# (BLOCK_M, BLOCK_N, warps, stages); GROUP_M 8 throughout
 CONFIGS = [
-    _config(128, 128, 8, 3),
-    _config(128, 256, 8, 3),
-    _config(64, 128, 4, 4),
-    _config(128, 64, 4, 4),
-    _config(64, 64, 4, 3),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3))
 ]
 
 _scaled_gemm_tuned = triton.autotune(CONFIGS, key=["m_bucket", "N", "K", "GROUPS"])(_scaled_gemm_kernel)

@@ -191,6 +191,7 @@ def _packed_bad() -> list:
             ((torch.randn(7, 3, 2, 16),), {}, ValueError, "5-D")]
 
 
+# Each op's Case fills the same fields (the suite reads them as data), so the declarations look alike.
 ATTENTION_PACKED = Case(
     small=lambda dt, dev: _packed_inputs(2, 20, 3, 64, dt, dev),
     empty=(lambda dt, dev: _packed_inputs(0, 7, 2, 32, dt, dev),),
