@@ -21,7 +21,7 @@ import torch
 
 from vit_fast import backends, policy
 from vit_fast.backends import dtype_name
-from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, _preset_dims
+from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, preset_dims
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.providers import backend_providers
 from vit_fast.bench.runner import progress
@@ -78,11 +78,8 @@ class Case:
 
 def op_shapes(model: str, batch: int) -> dict[str, dict[str, int]]:
     """Each op's benchmark shape (:mod:`vit_fast.bench.cases`) in ``model`` at ``batch`` images."""
-    d = _preset_dims(model)
-    return {"attention": {"B": batch, "H": d["H"], "N": d["N"], "D": d["D"]},
-            "layer_norm": {"B": batch, "N": d["N"], "C": d["C"]},
-            "layernorm_mlp": {"B": batch, "N": d["N"], "C": d["C"], "hidden": d["hidden"]},
-            "patch_embed": {"B": batch, "in_chans": d["in_chans"], "img": d["img"], "P": d["P"], "E": d["C"]}}
+    dims = preset_dims(model)
+    return {name: {"B": batch, **bench.model_shape(dims)} for name, bench in OP_BENCHES.items()}
 
 
 def resolve(cfg: TuneConfig) -> tuple[torch.device, list[str], list[int], list[torch.dtype]]:

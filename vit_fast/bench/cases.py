@@ -102,7 +102,8 @@ def _patch_embed_eager(images: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed  # (B, 1+N, E)
 
 
-def _preset_dims(name: str) -> dict[str, int]:
+def preset_dims(name: str) -> dict[str, int]:
+    """The sizes of preset ``name`` that the ops' shapes are made of (:meth:`OpBench.model_shape`)."""
     cfg = get_config(name)
     return {"N": cfg.num_patches + cfg.num_prefix_tokens, "C": cfg.embed_dim, "H": cfg.num_heads,
             "D": cfg.head_dim, "hidden": cfg.mlp_hidden_dim, "P": patch_size(cfg),
@@ -164,14 +165,18 @@ class OpBench:
     def label(self, shape: dict[str, int]) -> str:
         return " ".join(f"{k}{shape[k]}" for k in self.shape_keys)
 
-    def _from_presets(self, quick: bool, gpu: bool, quick_gpu: list[dict], quick_cpu: list[dict],
-                      pick: Callable[[dict[str, int]], dict[str, int]]) -> list[dict[str, int]]:
+    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
+        """The op's shape, less the batch, in a model of :func:`preset_dims` ``dims`` (what tune measures)."""
+        raise NotImplementedError
+
+    def _from_presets(self, quick: bool, gpu: bool, quick_gpu: list[dict],
+                      quick_cpu: list[dict]) -> list[dict[str, int]]:
         if quick:
             return quick_gpu if gpu else quick_cpu
         out = []
         for name in GPU_PRESETS if gpu else CPU_PRESETS:
             for b in GPU_BATCHES if gpu else CPU_BATCHES:
-                s = {"B": b, **pick(_preset_dims(name))}
+                s = {"B": b, **self.model_shape(preset_dims(name))}
                 if s not in out:
                     out.append(s)
         return out
@@ -189,6 +194,9 @@ class AttentionBench(OpBench):
         seqs = SEQ_LENS if gpu else SEQ_LENS[:3]
         return [{"B": b, "H": h, "N": n, "D": d} for h, d in heads for n in seqs
                 for b in (GPU_BATCHES if gpu else CPU_BATCHES)]
+
+    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
+        return {"H": dims["H"], "N": dims["N"], "D": dims["D"]}
 
     def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
         B, H, N, D = (shape[k] for k in "BHND")
@@ -266,8 +274,10 @@ class LayerNormBench(OpBench):
 
     def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
         return self._from_presets(quick, gpu, [{"B": 256, "N": 197, "C": 768}],
-                                  [{"B": 8, "N": 65, "C": 192}, {"B": 2, "N": 197, "C": 384}],
-                                  lambda d: {"N": d["N"], "C": d["C"]})
+                                  [{"B": 8, "N": 65, "C": 192}, {"B": 2, "N": 197, "C": 384}])
+
+    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
+        return {"N": dims["N"], "C": dims["C"]}
 
     def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
         B, N, C = shape["B"], shape["N"], shape["C"]
@@ -310,8 +320,10 @@ class LayerNormMlpBench(OpBench):
         return self._from_presets(
             quick, gpu,
             [{"B": 64, "N": 197, "C": 768, "hidden": 3072}],
-            [{"B": 8, "N": 65, "C": 192, "hidden": 384}, {"B": 2, "N": 197, "C": 192, "hidden": 768}],
-            lambda d: {"N": d["N"], "C": d["C"], "hidden": d["hidden"]})
+            [{"B": 8, "N": 65, "C": 192, "hidden": 384}, {"B": 2, "N": 197, "C": 192, "hidden": 768}])
+
+    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
+        return {"N": dims["N"], "C": dims["C"], "hidden": dims["hidden"]}
 
     def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
         B, N, C, Hd = shape["B"], shape["N"], shape["C"], shape["hidden"]
@@ -356,8 +368,10 @@ class PatchEmbedBench(OpBench):
             quick, gpu,
             [{"B": 256, "in_chans": 3, "img": 224, "P": 16, "E": 768}],
             [{"B": 8, "in_chans": 3, "img": 32, "P": 4, "E": 192},
-             {"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 192}],
-            lambda d: {"in_chans": d["in_chans"], "img": d["img"], "P": d["P"], "E": d["C"]})
+             {"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 192}])
+
+    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
+        return {"in_chans": dims["in_chans"], "img": dims["img"], "P": dims["P"], "E": dims["C"]}
 
     def tokens(self, shape: dict[str, int]) -> int:
         return (shape["img"] // shape["P"]) ** 2 + 1
