@@ -34,12 +34,15 @@ layernorm_mlp = pytest.importorskip("vit_fast.kernels.layernorm_mlp")
 gemm = pytest.importorskip("vit_fast.kernels.gemm")
 patch_embed = pytest.importorskip("vit_fast.kernels.patch_embed")
 scaled_gemm = pytest.importorskip("vit_fast.kernels.scaled_gemm")
+quantize_rows = pytest.importorskip("vit_fast.kernels.quantize_rows")
 
 LAUNCHERS = {
-    attention: ("attention_fwd", "attention_bwd"),
-    layer_norm: ("layer_norm_fwd", "layer_norm_apply", "layer_norm_bwd"),
+    attention: ("attention_fwd", "attention_fwd_packed", "attention_fwd_fp8", "attention_bwd", "attention_bwd_packed"),
+    layer_norm: ("layer_norm_fwd", "layer_norm_apply", "layer_norm_fwd_fp8", "layer_norm_bwd"),
     layernorm_mlp: ("layernorm_mlp_fwd", "layernorm_mlp_bwd"),
     patch_embed: ("patch_embed_fwd", "patch_embed_bwd"),
+    quantize_rows: ("quantize_rows_fwd",),
+    scaled_gemm: ("scaled_gemm",),
 }
 AUTOTUNED = [attention._attention_fwd_tuned, attention._attention_bwd_dkdv_tuned, attention._attention_bwd_dq_tuned,
              layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
