@@ -126,9 +126,9 @@ def test_scaled_linear_reference_paths_agree_on_edge_shapes(monkeypatch, rowwise
     where it does not, as on torch 2.11): one row, one output, strided size-1 scales, an empty batch."""
     from vit_fast.ops import scaled_linear as sl
 
-    if rowwise and not sl._cpu_rowwise_scaled_mm():
+    if rowwise and not sl._CPU_ROWWISE:
         pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
-    monkeypatch.setattr(sl, "_cpu_rowwise_scaled_mm", lambda: rowwise)
+    monkeypatch.setattr(sl, "_CPU_ROWWISE", rowwise)
     q = _ops()
     for m, n in ((1, 1), (1, 24), (9, 1), (0, 24)):
         xq, xs = q.quantize_rows_ref(torch.randn(m, 32))

@@ -20,7 +20,6 @@ import with the model's four ops: the dispatcher's registry does not change when
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -83,10 +82,6 @@ def _fp8_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
     return (torch.bmm(xg, wg) * groups.t()[..., None]).sum(0) * weight_scale.float()[None, :]
 
 
-# Asked at the first CPU call, not at import; torch.compile takes the answer as a constant instead of tracing the
-# probe. No release note says which torch added row-wise scales on CPU.
-@torch.compiler.assume_constant_result
-@functools.cache
 def _cpu_rowwise_scaled_mm() -> bool:
     """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (torch 2.11's takes per-tensor ones only)."""
     a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
@@ -96,6 +91,10 @@ def _cpu_rowwise_scaled_mm() -> bool:
         return False
     return True
 
+
+# Probed once at import (a 16 x 16 product, under a millisecond): no release note says which torch added it, and
+# a probe inside the op would be traced by torch.compile.
+_CPU_ROWWISE = _cpu_rowwise_scaled_mm()
 
 
 def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -107,7 +106,7 @@ def scaled_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.
     tests' oracle for how the scales are applied)."""
     grouped = x_scale.dim() == 2 and x_scale.shape[1] > 1
     if (upcast or grouped or (x_q.device.type == "cuda" and out_dtype != torch.bfloat16)
-            or (x_q.device.type == "cpu" and not _cpu_rowwise_scaled_mm())):
+            or (x_q.device.type == "cpu" and not _CPU_ROWWISE)):
         y = _fp8_product(x_q, x_scale, weight_q, weight_scale)
         return (y if bias is None else y + bias.float()).to(out_dtype)
     # Row-wise scaling: (M, 1) for the activations, (1, N) for the weights; mat2 is column-major (w_q^T).
