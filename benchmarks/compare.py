@@ -4,13 +4,12 @@ than the noise of the two runs (see ``vit_fast.bench.compare_results``).
     python benchmarks/compare.py NEW/results.json [OLD/results.json]
 
 OLD defaults to the newest run committed under ``benchmarks/results/`` on the same device. Exit status 1 when
-a row is flagged, 0 otherwise (also when there is nothing to compare with).
+a row is flagged, 0 otherwise (also when there is nothing to compare with), 2 when a file cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from collections.abc import Sequence
 from readme_table import newest_results
 
 from vit_fast.bench import compare_results, format_comparison
+from vit_fast.bench.analysis import read_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--min-rel", type=float, default=0.02, help="smallest slowdown flagged (default 0.02)")
     args = parser.parse_args(argv)
-    with open(args.new) as f:
-        new = json.load(f)
+    try:
+        return _compare(args)
+    except (OSError, ValueError) as e:  # a results file that is missing, torn or of another shape: one line
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
+    new = read_results(args.new)
     if args.old is None:
         dev = new["environment"]["device"]
         found = newest_results(args.results_dir, device_type=dev["type"], device_name=dev["name"], exclude=args.new)
@@ -40,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         old_path, old = found
     else:
         old_path = args.old
-        with open(old_path) as f:
-            old = json.load(f)
+        old = read_results(old_path)
     print(f"comparing {args.new} with {old_path}")
     cmp = compare_results(old, new, min_rel=args.min_rel)
     print(format_comparison(cmp))

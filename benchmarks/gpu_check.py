@@ -1,32 +1,33 @@
 """The GPU check, in one go, from the repository root on a machine with an NVIDIA GPU:
 
+    python benchmarks/gpu_check.py --plan     # the steps, what each verifies and its derived budget (any machine)
     python benchmarks/gpu_check.py            # OUT=/some/dir python benchmarks/gpu_check.py to collect elsewhere
     python benchmarks/gpu_check.py --commit 1a2b3c4   # in a copy of the tree without .git
 
-The decisive facts first, so that a run cut short still settles the most:
+It decides everything in 7 minutes (``--deadline-s``, 420 s by default), the most valuable facts first, so that a
+run cut short still settles the most (the plan, its budgets and the deadline logic: :mod:`gpu_plan`):
 
 1. the environment: GPU, driver, torch, triton, CUDA, nvcc, git commit;
-2. build: ``pip install --no-deps --no-build-isolation -e .`` (vit_fast._C when a CUDA toolkit is found), then
-   ``vit-fast info``; should vit_fast not import as installed, the later steps run from the source tree;
-3. correctness: every op on fixed ViT shapes, every backend, bf16 and fp16, forward and every gradient against
-   the fp32 oracle (:mod:`vit_fast.tolerance`), on fixed kernel configs (``VIT_FAST_AUTOTUNE=0``), asserting
-   through ``vit_fast.backends.trace()`` that the backend under test really launched (no silent fallback);
-4. ``compute-sanitizer`` memcheck, then racecheck, on the CUDA attention (N=197, D=80, q/k/v as views of one
-   packed qkv tensor, and the packed entry point the model calls) and patch embedding (P=14), forward and
-   backward;
-5. the quick benchmarks: ``vit-fast bench --quick``, then the regression check against the newest committed run
-   of the same GPU;
-6. ``vit-fast tune --quick``: the dispatch policy of this GPU (what ``auto`` will pick), from verified, measured
-   rows; the output says which file to commit where;
-7. the full GPU test suite, ``pytest -m cuda``; a failure (or a collection error) is reported, never hidden.
+2. build: ``pip install --no-deps --no-build-isolation -e .`` (vit_fast._C when a CUDA toolkit is found) while
+   Triton precompiles the shortlisted configs for this GPU in parallel (``kernels/shortlist.py``); should
+   vit_fast not import as installed, the later steps run from the source tree;
+3. per op, in order of value (LN+MLP, attention, the fp8 ops, patch embedding, LayerNorm): correctness of every
+   backend against the fp32 oracle (:mod:`vit_fast.tolerance`) on fixed kernel configs (``VIT_FAST_AUTOTUNE=0``),
+   asserting through ``vit_fast.backends.trace()`` that the backend under test really launched; then
+   ``vit-fast tune`` at ViT-B's shapes: each backend (and triton variant) against eager and torch.compile, the
+   policy rows of this GPU;
+4. ``compute-sanitizer`` memcheck, then racecheck, on the CUDA attention (N=197, D=80, strided q/k/v and the
+   packed entry point) and patch embedding (P=14), forward and backward;
+5. the model rows: ``vit-fast bench --quick --ops none`` at ViT-B (timm eager and compiled, vit_fast eager,
+   compiled, graphed, fp8), then the regression check against the newest committed run of the same GPU;
+6. the full GPU test suite, ``pytest -m cuda``; a failure (or a collection error) is reported, never hidden.
 
+The policy rows of step 3 are merged into the policy file of this GPU; the output says which file to commit where.
 Everything (JSON results, policy, logs, plots, summary) goes to ``benchmarks/results/<date>_<gpu>_<commit>/``;
 with OUT set (a remote GPU machine that returns only a few files) the folder is written elsewhere and delivered
 as ``$OUT/<name>.tar.gz`` plus ``summary.md``, ``results.json`` and the policy file, refreshed after every step.
-Each step's time limit comes from one deadline (``--deadline-s``, 7 minutes by default, so the run ends well
-inside 8 minutes on an H200): a step gets at most its cap and never what the later steps need at least
-(:data:`PLAN`); on its limit a step gets SIGINT and keeps what it measured. A summary table comes last.
-Without a GPU, steps 2-7 are skipped with a message. Exit status 1 when a step failed.
+A step that overruns its limit gets SIGINT and keeps what it measured; the next step runs all the same. A summary
+table comes last. Without a GPU, the GPU steps are skipped with a message. Exit status 1 when a step failed.
 """
 
 from __future__ import annotations
@@ -50,12 +51,9 @@ from collections.abc import Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
 
-# step -> (cap seconds, the least worth giving it). A step gets min(cap, time left - the later steps' least):
-# a slow build squeezes the later steps instead of starving them.
-PLAN: dict[str, tuple[float, float]] = {"build": (200, 60), "correctness": (80, 30), "memcheck": (45, 20),
-                                        "racecheck": (45, 20), "bench": (95, 40), "tune": (75, 30),
-                                        "tests": (150, 30)}
-GPU_STEPS = ("2 build", "3 correctness", "4 compute-sanitizer", "5 benchmarks", "6 policy", "7 GPU tests")
+sys.path.insert(0, os.path.dirname(THIS))
+import gpu_plan  # noqa: E402 - beside this script, which runs as a file, not a module
+from gpu_plan import FIXED_SHAPES  # noqa: E402
 
 
 def _capture(cmd: Sequence[str], timeout: float = 30) -> str | None:
@@ -175,84 +173,73 @@ def status_of(rc: int | None, ok: Sequence[int] = (0,)) -> str:
     return "PASS" if rc in ok else "TIMEOUT" if rc is None else "FAIL"
 
 
-class Check:
-    def __init__(self, deadline_s: float) -> None:
-        self.start = time.perf_counter()
-        self.deadline_s = deadline_s
-        self.steps: list[dict] = []
-        self.out: str | None = None  # the run folder, delivered after every step
-
-    def left(self) -> float:
-        return self.deadline_s - (time.perf_counter() - self.start)
-
-    def limit(self, step: str) -> float:
-        """``step``'s time limit: its cap, less whatever the later steps need at least."""
-        names = list(PLAN)
-        later = sum(least for _, least in (PLAN[n] for n in names[names.index(step) + 1:]))
-        return max(5.0, min(PLAN[step][0], self.left() - later))
-
-    def record(self, step: str, status: str, seconds: float, detail: str) -> None:
-        self.steps.append({"step": step, "status": status, "seconds": round(seconds, 1), "detail": detail})
-        print(f"[{status}] {step} ({seconds:.0f} s): {detail}", flush=True)
-        if self.out:
-            deliver(self.out)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deadline-s", type=float, default=420.0, help="time for the whole check (default 420)")
+    parser.add_argument("--deadline-s", type=float, default=gpu_plan.DEADLINE_S,
+                        help=f"time for the whole check (default {gpu_plan.DEADLINE_S:.0f})")
+    parser.add_argument("--plan", action="store_true", help="print the steps and their derived budgets, run nothing")
     parser.add_argument("--commit", default=None,
                         help="the short commit of this tree, when it is a copy without .git (names the folder and "
                         "is recorded in results.json)")
-    parser.add_argument("--child", choices=["correctness", "sanitize"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["correctness", "sanitize", "precompile", "merge-policy"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--ops", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child == "correctness":
-        return correctness(args.json)
-    if args.child == "sanitize":
-        return sanitize_target()
-    check = Check(args.deadline_s)
-
-    t0 = time.perf_counter()
+    if args.plan:
+        print(gpu_plan.format_plan(gpu_plan.plan(), args.deadline_s))
+        return 0
+    if args.child:
+        return {"correctness": lambda: correctness(args.json, ops=args.ops), "sanitize": sanitize_target,
+                "precompile": lambda: precompile(args.json), "merge-policy": lambda: merge_policy(args.json)}[
+            args.child]()
+    start = time.perf_counter()
     env = environment(args.commit)
-    out = check.out = run_dir(env)
+    out = run_dir(env)
     with open(os.path.join(out, "env.json"), "w") as f:
         json.dump(env, f, indent=1)
-    check.record("1 environment", "PASS", time.perf_counter() - t0,
-                 f"{env.get('gpu', 'no GPU')}, driver {env.get('driver')}, torch {env['torch']} (CUDA "
-                 f"{env['torch_cuda']}), triton {env['triton']}, nvcc {env['nvcc']}, commit {env['git_commit']}"
-                 f"{' (dirty)' if env['git_dirty'] else ''}")
-    print(f"writing to {out}", flush=True)
+    first = {"step": "environment", "status": "PASS", "seconds": round(time.perf_counter() - start, 1),
+             "detail": f"{env.get('gpu', 'no GPU')}, driver {env.get('driver')}, torch {env['torch']} (CUDA "
+                       f"{env['torch_cuda']}), triton {env['triton']}, nvcc {env['nvcc']}, commit "
+                       f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}"}
+    print(f"[PASS] environment: {first['detail']}\nwriting to {out}", flush=True)
 
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if env["git_commit"]:
         child_env["VIT_FAST_GIT_COMMIT"] = env["git_commit"]
     for name in ("TRITON_INTERPRET", "VIT_FAST_AUTOTUNE", "VIT_FAST_BACKEND", "VIT_FAST_POLICY"):
         child_env.pop(name, None)
+    steps = gpu_plan.plan()
+    deadline = gpu_plan.Deadline(args.deadline_s - (time.perf_counter() - start),
+                                 record=lambda results: write_summary(out, env, [first, *results], start))
     if not env["cuda_available"]:
         msg = ("no CUDA device visible (torch.cuda.is_available() is False): skipping build, correctness, "
                "compute-sanitizer, benchmarks, policy, GPU tests")
         print(msg, flush=True)
-        for step in GPU_STEPS:
-            check.record(step, "SKIP", 0.0, msg)
+        deadline.run(steps, lambda step, limit: ("SKIP", 0.0, msg))
     else:
-        gpu_steps(check, out, child_env)
+        deadline.run(steps, GpuSteps(out, child_env).run)
+    text = write_summary(out, env, [first, *deadline.results], start)
+    print("\n" + text, flush=True)
+    return 1 if any(s["status"] in ("FAIL", "TIMEOUT") for s in deadline.results) else 0
 
-    failed = [s for s in check.steps if s["status"] in ("FAIL", "TIMEOUT")]
-    table = ["| step | status | seconds | detail |", "|---|---|---|---|"]
-    table += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['detail']} |" for s in check.steps]
-    total = time.perf_counter() - check.start
+
+def write_summary(out: str, env: dict, steps: list[dict], start: float) -> str:
+    """summary.md and summary.json of the steps so far, delivered (after every step: a run cut short keeps them)."""
+    table = ["| step | status | seconds | limit | detail |", "|---|---|---|---|---|"]
+    table += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s.get('limit_s', '')} | {s['detail']} |"
+              for s in steps]
+    total = time.perf_counter() - start
     lines = [f"# GPU check: {env.get('gpu', 'no GPU')}, commit {env['git_commit']}, {env['time']}", "", *table, ""]
     lines += [commit_line(p) for p in policy_files(out)]
     text = "\n".join([*lines, f"total {total:.0f} s; everything in {out}"])
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"environment": env, "steps": check.steps, "total_s": total,
+        json.dump({"environment": env, "steps": steps, "total_s": total,
                    "policy": [os.path.basename(p) for p in policy_files(out)]}, f, indent=1)
     deliver(out)
-    print("\n" + text, flush=True)
-    return 1 if failed else 0
+    return text
 
 
 def commit_line(policy_path: str) -> str:
@@ -268,6 +255,8 @@ def source_overlay() -> str:
     pkg = os.path.join(root, "vit_fast")
     os.mkdir(pkg)
     for name in os.listdir(os.path.join(REPO, "vit_fast")):
+        if name == "kernels":  # a tree that links kernels/ there already: the one below stands
+            continue
         os.symlink(os.path.join(REPO, "vit_fast", name), os.path.join(pkg, name))
     os.symlink(os.path.join(REPO, "kernels"), os.path.join(pkg, "kernels"))
     return root
@@ -284,88 +273,119 @@ def find_sanitizer() -> str | None:
     return found or next((p for p in places if os.access(p, os.X_OK)), None)
 
 
-def gpu_steps(check: Check, out: str, env: dict) -> None:
-    """Steps 2-7. Each later step runs even when an earlier one failed: a GPU run is too rare to stop early."""
-    build_log = os.path.join(out, "build.log")
-    rc, secs = run_logged([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-e", "."], build_log, check.limit("build"), env)
-    # The package must import as installed (vit_fast.kernels included) from outside the tree; if not, the
-    # later steps run from the source tree through a folder that lays it out the same way.
-    probe = [sys.executable, "-c", "import vit_fast.kernels, vit_fast.bench; print(vit_fast.__file__)"]
-    ok, _ = run_logged(probe, os.path.join(out, "import.log"), 120, env, cwd=tempfile.gettempdir())
-    cwd = REPO
-    if ok != 0:
-        cwd = source_overlay()
-        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))}
-    info_log = os.path.join(out, "info.log")
-    run_logged([sys.executable, "-m", "vit_fast.cli", "info"], info_log, 120, env, cwd)
-    print(tail(info_log, 12), flush=True)
-    if rc != 0:
-        print(tail(build_log), flush=True)
-    detail = ("pip install -e . (build.log); backends in info.log" if rc == 0 else
-              f"pip install -e . {'timed out' if rc is None else f'exited {rc}'}: see build.log")
-    if ok != 0:
-        detail += "; vit_fast did not import as installed: the later steps ran from the source tree (import.log)"
-    check.record("2 build", "PASS" if rc == 0 and ok == 0 else status_of(rc, ()), secs, detail)
+class GpuSteps:
+    """What each step of :func:`gpu_plan.plan` runs on a GPU: :meth:`run` (step, limit) -> (status, seconds,
+    detail). Each later step runs even when an earlier one failed: a GPU run is too rare to stop early."""
 
-    fixed = {**env, "VIT_FAST_AUTOTUNE": "0"}  # fixed kernel configs: the facts do not depend on a tuning run
-    verdicts = os.path.join(out, "correctness.json")
-    rc, secs = run_logged([sys.executable, THIS, "--child", "correctness", "--json", verdicts],
-                          os.path.join(out, "correctness.log"), check.limit("correctness"), fixed, cwd)
-    print(tail(os.path.join(out, "correctness.log"), 30), flush=True)
-    check.record("3 correctness", status_of(rc), secs, _correctness_detail(verdicts))
+    def __init__(self, out: str, env: dict) -> None:
+        self.out, self.env, self.cwd = out, env, REPO
+        self.parts = os.path.join(out, "policy_parts")
+        os.makedirs(self.parts, exist_ok=True)
 
-    sanitizer = find_sanitizer()
-    for tool in ("memcheck", "racecheck"):
-        log = os.path.join(out, f"sanitizer_{tool}.log")
+    def run(self, step: gpu_plan.Step, limit: float) -> tuple[str, float, str]:
+        start = time.perf_counter()
+        action = {"build": self.build, "sanitizer": self.sanitizer, "model": self.model, "tests": self.tests}.get(
+            step.name, lambda lim: self.op_step(step.name, lim))
+        status, detail = action(limit)
+        return status, time.perf_counter() - start, detail
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.out, f"{name}.log")
+
+    def build(self, limit: float) -> tuple[str, str]:
+        # Triton compiles the shortlisted configs of this GPU from the source tree while pip builds vit_fast._C.
+        overlay = source_overlay()
+        pre_env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [overlay, self.env.get("PYTHONPATH")]))}
+        pre_log = open(self._log("precompile"), "w")  # noqa: SIM115 - closed below, after the child ends
+        pre = subprocess.Popen([sys.executable, THIS, "--child", "precompile", "--json",
+                                os.path.join(self.out, "precompile.json")], cwd=overlay, env=pre_env,
+                               stdout=pre_log, stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.perf_counter()
+        rc, _ = run_logged([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-e", "."], self._log("build"), limit, self.env)
+        try:
+            pre_rc = pre.wait(timeout=max(1.0, limit - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            os.killpg(pre.pid, signal.SIGINT)
+            pre_rc = None
+            pre.wait()
+        pre_log.close()
+        # The package must import as installed (vit_fast.kernels included) from outside the tree; if not, the
+        # later steps run from the source tree through a folder that lays it out the same way.
+        probe = [sys.executable, "-c", "import vit_fast.kernels, vit_fast.bench; print(vit_fast.__file__)"]
+        ok, _ = run_logged(probe, self._log("import"), 60, self.env, cwd=tempfile.gettempdir())
+        if ok != 0:
+            self.cwd = overlay
+            self.env = pre_env
+        run_logged([sys.executable, "-m", "vit_fast.cli", "info"], self._log("info"), 60, self.env, self.cwd)
+        detail = ("pip install -e . (build.log)" if rc == 0 else
+                  f"pip install -e . {'timed out' if rc is None else f'exited {rc}'}: see build.log")
+        detail += f"; precompile {'done' if pre_rc == 0 else 'cut' if pre_rc is None else f'exited {pre_rc}'}"
+        if ok != 0:
+            detail += "; vit_fast did not import as installed: the later steps run from the source tree"
+        return ("PASS" if rc == 0 and ok == 0 else status_of(rc, ())), detail
+
+    def op_step(self, name: str, limit: float) -> tuple[str, str]:
+        ops = dict(gpu_plan.OP_STEPS)[name]
+        start = time.perf_counter()
+        tuned = [op for op in ops if op in gpu_plan.TUNE_PROVIDERS]
+        verdicts = os.path.join(self.out, f"correctness_{name}.json")
+        share = limit * (gpu_plan.correctness_cases(ops) * gpu_plan.CHECK_S + gpu_plan.PROCESS_S) / max(
+            1.0, next(s.budget_s for s in gpu_plan.plan() if s.name == name))
+        fixed = {**self.env, "VIT_FAST_AUTOTUNE": "0"}  # fixed kernel configs: the facts do not depend on tuning
+        rc, _ = run_logged([sys.executable, THIS, "--child", "correctness", "--json", verdicts, "--ops", *ops],
+                           self._log(f"correctness_{name}"), share, fixed, self.cwd)
+        statuses, details = [status_of(rc)], [_correctness_detail(verdicts)]
+        for i, op in enumerate(tuned):  # timed as users run: autotuned; the time left shared by the ops left
+            left = (limit - (time.perf_counter() - start)) / (len(tuned) - i)
+            rc, _ = run_logged([sys.executable, "-m", "vit_fast.cli", "tune", "--quick", "--no-progress", "--ops", op,
+                                "--models", *gpu_plan.TUNE_MODELS, "--batch-sizes", str(gpu_plan.TUNE_BATCH),
+                                "--out", os.path.join(self.parts, f"{op}.json"), "--budget-s",
+                                str(max(5, int(left - 15)))], self._log(f"tune_{op}"), left, self.env, self.cwd)
+            statuses.append(status_of(rc))
+            details.append(f"tune {op}: {tail(self._log(f'tune_{op}'), 1).strip()}")
+        if tuned:
+            run_logged([sys.executable, THIS, "--child", "merge-policy", "--json", self.parts],
+                       self._log("merge_policy"), 60, {**self.env, "VIT_FAST_POLICY": os.path.join(self.out, "policy")
+                                                       + os.sep}, self.cwd)
+        worst = next((s for s in ("FAIL", "TIMEOUT", "WARN") if s in statuses), "PASS")
+        return worst, "; ".join(details)
+
+    def sanitizer(self, limit: float) -> tuple[str, str]:
+        sanitizer = find_sanitizer()
         if sanitizer is None:
-            check.record(f"4 {tool}", "SKIP", 0.0, "compute-sanitizer not found (CUDA toolkit or "
-                         "pip nvidia-cuda-sanitizer-api)")
-            continue
-        # without the caching allocator every tensor is its own allocation, so an access past one is caught
-        tool_env = {**fixed, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if tool == "memcheck" else fixed
-        rc, secs = run_logged([sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "30",
-                               sys.executable, THIS, "--child", "sanitize"], log, check.limit(tool), tool_env, cwd)
-        summary = [ln.strip() for ln in tail(log, 40).splitlines() if "ERROR SUMMARY" in ln or "RACECHECK" in ln]
-        status = {0: "PASS", 4: "SKIP"}.get(rc, status_of(rc))
-        if rc != 0:
-            print(tail(log, 30), flush=True)
-        check.record(f"4 {tool}", status, secs, "; ".join(summary) or f"exit {rc}: see {os.path.basename(log)}")
+            return "SKIP", "compute-sanitizer not found (CUDA toolkit or pip nvidia-cuda-sanitizer-api)"
+        statuses, details = [], []
+        for tool in ("memcheck", "racecheck"):
+            log = self._log(f"sanitizer_{tool}")
+            fixed = {**self.env, "VIT_FAST_AUTOTUNE": "0"}
+            # without the caching allocator every tensor is its own allocation, so an access past one is caught
+            tool_env = {**fixed, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if tool == "memcheck" else fixed
+            rc, _ = run_logged([sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "30",
+                                sys.executable, THIS, "--child", "sanitize"], log, limit / 2, tool_env, self.cwd)
+            summary = [ln.strip() for ln in tail(log, 40).splitlines() if "ERROR SUMMARY" in ln or "RACECHECK" in ln]
+            statuses.append({0: "PASS", 4: "SKIP"}.get(rc, status_of(rc)))
+            details.append(f"{tool}: " + ("; ".join(summary) or f"exit {rc}: see {os.path.basename(log)}"))
+        return next((s for s in ("FAIL", "TIMEOUT", "SKIP") if s in statuses), "PASS"), "; ".join(details)
 
-    bench_log = os.path.join(out, "bench.log")
-    limit = check.limit("bench")
-    rc, secs = run_logged([sys.executable, "-m", "vit_fast.cli", "bench", "--quick", "--out", out, "--no-progress",
-                           "--budget-s", str(max(20, int(limit - 60)))], bench_log, limit, env, cwd)
-    print(tail(bench_log, 45), flush=True)
-    results = os.path.join(out, "results.json")
-    check.record("5 benchmarks", status_of(rc), secs,
-                 _bench_detail(results) if os.path.exists(results) else "no results.json: see bench.log")
-    if os.path.exists(results):
-        cmp_log = os.path.join(out, "regression.log")
-        rc, secs = run_logged([sys.executable, os.path.join(REPO, "benchmarks", "compare.py"), results], cmp_log, 60,
-                              env, cwd)
-        check.record("5 regression check", {0: "PASS", 1: "WARN"}.get(rc, "FAIL"), secs, tail(cmp_log, 1).strip())
+    def model(self, limit: float) -> tuple[str, str]:
+        rc, _ = run_logged([sys.executable, "-m", "vit_fast.cli", "bench", "--quick", "--ops", "none", "--models",
+                            *gpu_plan.TUNE_MODELS, "--out", self.out, "--no-progress", "--budget-s",
+                            str(max(10, int(limit - 20)))], self._log("bench"), limit, self.env, self.cwd)
+        results = os.path.join(self.out, "results.json")
+        if not os.path.exists(results):
+            return status_of(rc), "no results.json: see bench.log"
+        cmp_rc, _ = run_logged([sys.executable, os.path.join(REPO, "benchmarks", "compare.py"), results],
+                               self._log("regression"), 30, self.env, self.cwd)
+        return status_of(rc), f"{_bench_detail(results)}; regression check: {tail(self._log('regression'), 1).strip()}"
 
-    tune_log, folder = os.path.join(out, "tune.log"), os.path.join(out, "policy")
-    os.makedirs(folder, exist_ok=True)
-    limit = check.limit("tune")
-    # VIT_FAST_POLICY names a folder: tune writes the file named for this GPU into it
-    rc, secs = run_logged([sys.executable, "-m", "vit_fast.cli", "tune", "--quick", "--no-progress",
-                           "--budget-s", str(max(10, int(limit - 30)))], tune_log, limit,
-                          {**env, "VIT_FAST_POLICY": folder + os.sep}, cwd)
-    print(tail(tune_log, 30), flush=True)
-    written = policy_files(out)
-    detail = "; ".join(commit_line(p) for p in written) or "no policy written: see tune.log"
-    check.record("6 policy", status_of(rc) if written else "FAIL", secs, detail)
-
-    tests_log = os.path.join(out, "tests.log")
-    rc, secs = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-                           "--continue-on-collection-errors", f"--junitxml={os.path.join(out, 'tests.xml')}",
-                           os.path.join(REPO, "tests")], tests_log, check.limit("tests"), env, cwd)
-    if rc not in (0, 5):
-        print(tail(tests_log, 40), flush=True)
-    check.record("7 GPU tests", {0: "PASS", 5: "WARN", None: "TIMEOUT"}.get(rc, "FAIL"), secs,
-                 "no test marked cuda was collected" if rc == 5 else pytest_summary(tests_log))
+    def tests(self, limit: float) -> tuple[str, str]:
+        log = self._log("tests")
+        rc, _ = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
+                            "--continue-on-collection-errors", f"--junitxml={os.path.join(self.out, 'tests.xml')}",
+                            os.path.join(REPO, "tests")], log, limit, self.env, self.cwd)
+        status = {0: "PASS", 5: "WARN", None: "TIMEOUT"}.get(rc, "FAIL")
+        return status, "no test marked cuda was collected" if rc == 5 else pytest_summary(log)
 
 
 def _bench_detail(path: str) -> str:
@@ -394,23 +414,14 @@ def _correctness_detail(path: str) -> str:
 
 # ---- the children: what steps 3 and 4 run in their own process (run with vit_fast importable) ----------------
 
-# Fixed configs at ViT shapes and odd ones: head dims 64/80/128 (ViT-B, ViT-H/14), N 197 and 7; patch 16 and 14.
-FIXED_SHAPES: dict[str, list[dict[str, int]]] = {
-    "attention": [{"B": 2, "H": 3, "N": 197, "D": 64}, {"B": 2, "H": 2, "N": 197, "D": 80},
-                  {"B": 1, "H": 2, "N": 7, "D": 128}],
-    "layer_norm": [{"B": 2, "N": 197, "C": 768}, {"B": 1, "N": 7, "C": 1280}],
-    "layernorm_mlp": [{"B": 2, "N": 197, "C": 384, "hidden": 1536}],
-    "patch_embed": [{"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 768},
-                    {"B": 2, "in_chans": 3, "img": 56, "P": 14, "E": 80}],
-}
-
-
-def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("bfloat16", "float16"),
+def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = gpu_plan.CHECK_DTYPES,
                 shapes: dict[str, list[dict[str, int]]] | None = None,
-                backend_names: Sequence[str] = ("triton", "cuda", "reference")) -> int:
-    """Every op x shape x dtype x backend: forward and every gradient against the fp32 oracle by the one
-    tolerance rule, and the launch records proving the backend ran (fwd and bwd for a kernel backend). Rows go
-    to ``json_path`` as they come (a run cut short keeps them); exit status 1 when one failed."""
+                backend_names: Sequence[str] = gpu_plan.BACKENDS, ops: Sequence[str] | None = None,
+                fp32_first: bool = True) -> int:
+    """Every op (of ``ops``) x shape x dtype x backend, and fp32 on each op's first shape (``fp32_first``):
+    forward and every gradient against the fp32 oracle by the one tolerance rule, and the launch records proving
+    the backend ran (fwd and bwd for a kernel backend). An op that is not a bench case yet gets a SKIP row. Rows
+    go to ``json_path`` as they come (a run cut short keeps them); exit status 1 when one failed."""
     import torch
 
     import vit_fast
@@ -421,8 +432,13 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
 
     rows: list[dict] = []
     dev = torch.device(device)
-    # dtype outermost: a run cut short has every op in the first dtype
-    cases = [(d, op, s) for d in dtypes for op, ss in (FIXED_SHAPES if shapes is None else shapes).items() for s in ss]
+    table = {op: ss for op, ss in (FIXED_SHAPES if shapes is None else shapes).items() if ops is None or op in ops}
+    for op in [op for op in table if op not in OP_BENCHES]:
+        rows.append({"op": op, "backend": "-", "dtype": "-", "shape": "-", "status": "SKIP",
+                     "detail": "not a bench case (vit_fast.bench.cases) yet: its pytest -m cuda tests cover it"})
+    # dtype outermost: a run cut short has every op in the first dtype; then fp32 on each op's first shape
+    cases = [(d, op, s) for d in dtypes for op, ss in table.items() if op in OP_BENCHES for s in ss]
+    cases += [("float32", op, ss[0]) for op, ss in table.items() if op in OP_BENCHES and fp32_first]
     for dtype_name, op, shape in cases:
         bench, dtype = OP_BENCHES[op], getattr(torch, dtype_name)
         seed("gpu_check", op, shape, dtype_name)
@@ -435,12 +451,12 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
         same = run_once(bench.reference(), base, "fwd+bwd")
         entries = [(op, bench.public(), base)]
         if op == "attention":  # the model's entry point: kernels of their own, the qkv gradient written in place
-            packed = Inputs(base.tensors, base.grad_names, lambda t: ((t["qkv"],), {"scale": shape["D"] ** -0.5}),
+            packed = Inputs(base.tensors, base.grad_names, lambda t, d=shape["D"]: ((t["qkv"],), {"scale": d**-0.5}),
                             base.grad_out)
             entries.append(("attention_packed", vit_fast.ops.attention_packed, packed))
         for (entry, public, inputs), backend in itertools.product(entries, backend_names):
             row = {"op": entry, "backend": backend, "dtype": dtype_name, "shape": bench.label(shape)}
-            want = {(op, "fwd")} if backend == "reference" else {(op, "fwd"), (op, "bwd")}
+            want = {(entry, "fwd")} if backend == "reference" else {(entry, "fwd"), (entry, "bwd")}
             try:
                 with vit_fast.set_backend(backend), backends.trace() as launches:
                     out, grads = run_once(public, inputs, "fwd+bwd")
@@ -463,7 +479,47 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = ("
             print(f"{row['status']:<4} {entry:<16} {backend:<9} {dtype_name:<8} {row['shape']:<22} "
                   f"{row['detail']}", flush=True)
             atomic_write(json_path, json.dumps({"device": str(dev), "rows": rows}, indent=1))
+    atomic_write(json_path, json.dumps({"device": str(dev), "rows": rows}, indent=1))
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+
+
+def precompile(json_path: str, jobs: int = gpu_plan.COMPILE_WORKERS) -> int:
+    """Compile this GPU's shortlisted Triton configs into Triton's cache (``vit-fast kernels --shortlisted`` for
+    its arch), so the later steps' first launches find them; the rows (registers, spills, TMA) go to
+    ``json_path``. A launch whose specialization differs from the report's compiles on first use, as before."""
+    import dataclasses
+
+    import torch
+
+    from vit_fast import kernel_report
+    from vit_fast.fileio import atomic_write
+
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f"sm_{major}{minor}"
+    if arch not in kernel_report.LIMITS:
+        print(f"no shortlist for {arch}: the kernels compile on first use", flush=True)
+        return 0
+    rows = kernel_report.triton_rows(arch, "shortlist", jobs)
+    atomic_write(json_path, json.dumps({"arch": arch, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    print(f"precompiled {len(rows)} {arch} variants", flush=True)
+    return 0
+
+
+def merge_policy(folder: str) -> int:
+    """The per-op policy files tune wrote in ``folder``, as one policy for this GPU where $VIT_FAST_POLICY
+    points (each op was measured in a run of its own, so that a cut step loses only its op)."""
+    import torch
+
+    from vit_fast import policy
+
+    docs = [policy.read(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    if not docs:
+        return 0
+    merged = {**docs[0], "entries": [e for d in docs for e in d["entries"]],
+              "notes": list(dict.fromkeys(n for d in docs for n in d.get("notes", []))),
+              "command": "; ".join(d.get("command", "") for d in docs)}
+    policy.write(policy.default_path(policy.device_kind(torch.device("cuda", 0))), merged)
+    return 0
 
 
 def sanitize_target(device: str = "cuda", backend: str = "cuda") -> int:
@@ -495,7 +551,7 @@ def sanitize_target(device: str = "cuda", backend: str = "cuda") -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     ran = {(r.op, r.phase) for r in launches if r.backend == backend}
-    want = {(op, phase) for op in ("attention", "patch_embed") for phase in ("fwd", "bwd")}
+    want = {(op, phase) for op in ("attention", "attention_packed", "patch_embed") for phase in ("fwd", "bwd")}
     want = {w for w in want if w[1] == "fwd"} if backend == "reference" else want
     if not want <= ran:
         print(f"FAIL: the {backend} backend did not launch {sorted(want - ran)}", flush=True)

@@ -58,7 +58,7 @@ def pytest_cases(name: str) -> list[PytestCase]:
     op = OP_BENCHES[name]
     provs = op_providers(op, device, quick=True)
     return [PytestCase("op", name, tuple(s.items()), dtype, mode, p.name)
-            for s in op.shapes(True, device.type == "cuda") for mode in OP_MODES for p in provs]
+            for s in op.shapes(True, device.type == "cuda") for mode in op.modes for p in provs]
 
 
 def check_and_benchmark(benchmark: object, case: PytestCase) -> None:

@@ -17,6 +17,11 @@ The backward is deterministic (no atomics): the dQ kernel runs first, one progra
 every key block; its prologue computes delta = rowsum(dO * O) of its block and stores it for the dK/dV kernel,
 one program per key block looping over every query block.
 
+Variants (:func:`vit_fast.kernels.use_variant`): on sm_90 the forward takes its TMA-descriptor kernel where the
+layout allows (:mod:`vit_fast.kernels.attention_tma`), and the backward can run as one fused dK/dV/dQ kernel with
+fp32 atomics for dQ (:mod:`vit_fast.kernels.attention_fused`), a candidate the tuner times beside this one. What
+they share (the head-dim split, row-tile loads, the config pruning) is :mod:`vit_fast.kernels.attention_parts`.
+
 Layouts: the forward output is allocated with (B, N, H, D) memory and returned as a (B, H, N, D) view, so
 ``o.transpose(1, 2).reshape(B, N, H * D)`` is free. The gradients go wherever the caller's views point: three
 (B, N, H, D) buffers, or the three slices of one (B, N, 3, H, D) buffer (:func:`attention_bwd_packed`), which is
@@ -30,102 +35,27 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import SMEM_WITHOUT_DEVICE, empty, interpreting, launch, on_inputs_device, smem_limit
+import vit_fast.kernels as kernels
+from vit_fast.kernels import attention_fused, attention_tma, empty, interpreting, on_inputs_device
+from vit_fast.kernels.attention_parts import (  # noqa: F401 - _SMEM_BUDGET, head_split: this module's names too
+    _DKDV_CONFIGS,
+    _DQ_CONFIGS,
+    _FWD_CONFIGS,
+    _SMEM_BUDGET,
+    LOG2E,
+    _config,
+    _dot_pair,
+    _head_consts,
+    _launch,
+    _part,
+    _program_block,
+    _prune,
+    _rows_pair,
+    _store_pair,
+    _store_rows,
+    head_split,
+)
 from vit_fast.kernels.quantize_rows import e4m3_rows
-
-LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a jit function reads no plain globals
-
-# Under the interpreter kernels run on CPU: one small fixed config keeps tests fast and exercises multi-block
-# loops with masked tails at small N.
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
-
-
-def head_split(d: int) -> tuple[int, int]:
-    """``(BLOCK_D, BLOCK_D1)``: the power-of-two parts the kernels cover head dim ``d`` with; BLOCK_D1 = 0 for one
-    part. Two parts only where they are narrower than one padded part (tl.dot takes K >= 16)."""
-    full = triton.next_power_of_2(d)
-    low = 1 << (d.bit_length() - 1)
-    if low == d:
-        return d, 0
-    high = max(16, triton.next_power_of_2(d - low))
-    return (low, high) if low + high < full else (full, 0)
-
-
-@triton.jit
-def _load_rows(base, rows, stride_n, stride_d, mask_rows, offs_d, mask_d, MASK_ROWS: tl.constexpr,
-               MASK_D: tl.constexpr):  # fmt: skip
-    """A (rows, len(offs_d)) tile of a (N, D) matrix at ``base``; masked-off rows and columns read as 0."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
-    if MASK_ROWS:
-        if MASK_D:
-            tile = tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
-        else:
-            tile = tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
-    else:
-        if MASK_D:
-            tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
-        else:
-            tile = tl.load(ptrs)
-    return tile
-
-
-@triton.jit
-def _store_rows(base, tile, rows, stride_n, stride_d, mask_rows, offs_d, mask_d):
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask_rows[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _part(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, SECOND: tl.constexpr):
-    """Column offsets and mask of head-dim part 0 ([0, BLOCK_D)) or, with SECOND, part 1."""
-    if SECOND:
-        offs = BLOCK_D + tl.arange(0, BLOCK_D1)
-    else:
-        offs = tl.arange(0, BLOCK_D)
-    return offs, offs < HEAD_DIM
-
-
-@triton.jit
-def _rows_pair(base, rows, stride_n, stride_d, mask_rows, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr):  # fmt: skip
-    """The head-dim parts of a row tile: (part 0, part 1), part 1 = part 0 (unused) without a second part."""
-    offs0, mask0 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, False)
-    t0 = _load_rows(base, rows, stride_n, stride_d, mask_rows, offs0, mask0, MASK_ROWS, BLOCK_D > HEAD_DIM)
-    t1 = t0
-    if BLOCK_D1 > 0:
-        offs1, mask1 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, True)
-        t1 = _load_rows(base, rows, stride_n, stride_d, mask_rows, offs1, mask1, MASK_ROWS,
-                        BLOCK_D + BLOCK_D1 > HEAD_DIM)
-    return t0, t1
-
-
-@triton.jit
-def _store_pair(base, t0, t1, rows, stride_n, stride_d, mask_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_D1: tl.constexpr):  # fmt: skip
-    offs0, mask0 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, False)
-    _store_rows(base, t0, rows, stride_n, stride_d, mask_rows, offs0, mask0)
-    if BLOCK_D1 > 0:
-        offs1, mask1 = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, True)
-        _store_rows(base, t1, rows, stride_n, stride_d, mask_rows, offs1, mask1)
-
-
-@triton.jit
-def _dot_pair(a0, a1, b0, b1, INPUT_PRECISION: tl.constexpr, BLOCK_D1: tl.constexpr):
-    """a b^T over both head-dim parts: (rows of a, rows of b) in fp32."""
-    acc = tl.dot(a0, tl.trans(b0), input_precision=INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _program_block(N, H, BLOCK: tl.constexpr):
-    """Program id -> (b, h, b * H + h, first row of this program's block); b, h, bh as int64."""
-    pid = tl.program_id(0)
-    num_blocks = tl.cdiv(N, BLOCK)
-    bh = pid // num_blocks
-    start = (pid % num_blocks) * BLOCK
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64), start
 
 
 @triton.jit
@@ -393,57 +323,6 @@ def _attention_bwd_dkdv_kernel(
                 BLOCK_D, BLOCK_D1)
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-# Shared memory a config needs: the streamed tiles (two per step) for each pipeline stage plus the resident tiles,
-# each BLOCK x (the head-dim parts' width) x itemsize (q, k, v and dout share one dtype: the op checks it). The
-# budget is the device's own opt-in limit, read at the first launch on it.
-_SMEM_BUDGET = SMEM_WITHOUT_DEVICE  # the budget for tensors on no CUDA device (tests/test_attention.py reads it)
-
-
-def _prune(streamed: str, resident: str, resident_tiles: int):
-    """An early_config_prune: drop configs whose tiles exceed the shared-memory budget for this head dim and
-    dtype, and resident blocks larger than a short sequence. ``streamed`` names the block the inner loop walks,
-    ``resident`` the block each program owns."""
-
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        args = {**named_args, **kwargs}
-        n, width, itemsize = args["N"], sum(head_split(args["HEAD_DIM"])), args["Q"].element_size()
-        budget = smem_limit(args["Q"].device)
-        kept = []
-        for c in configs:
-            bs, br = c.kwargs[streamed], c.kwargs[resident]
-            smem = (2 * bs * c.num_stages + resident_tiles * br) * width * itemsize
-            if smem <= budget and not (br > 64 and n <= 64):
-                kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
-
-    return prune
-
-
-_FWD_CONFIGS = [
-    _config(64, 64, 4, 2),
-    _config(64, 64, 4, 3),
-    _config(128, 64, 4, 3),
-    _config(128, 64, 8, 3),
-    _config(128, 128, 8, 2),
-    _config(64, 128, 4, 2),
-]
-_DKDV_CONFIGS = [
-    _config(32, 64, 4, 2),
-    _config(32, 128, 8, 2),
-    _config(64, 64, 4, 2),
-    _config(64, 128, 8, 2),
-]
-_DQ_CONFIGS = [
-    _config(64, 32, 4, 2),
-    _config(64, 64, 4, 2),
-    _config(128, 32, 8, 2),
-    _config(128, 64, 8, 2),
-]
-
 _attention_fwd_tuned = triton.autotune(
     _FWD_CONFIGS, key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", 1)}
 )(_attention_fwd_kernel)
@@ -453,22 +332,8 @@ _attention_bwd_dkdv_tuned = triton.autotune(
 _attention_bwd_dq_tuned = triton.autotune(
     _DQ_CONFIGS, key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", 2)}
 )(_attention_bwd_dq_kernel)
+kernels.use_shortlist(_attention_fwd_tuned, _attention_bwd_dkdv_tuned, _attention_bwd_dq_tuned)
 
-
-def _launch(tuned, grid_block: str, bh: int, n: int, *args, **kwargs) -> None:
-    """Launch ``tuned`` (autotuned, or its first fitting config when not autotuning), or the small fixed config
-    under the interpreter. The grid is one program per (b * H + h, block of ``grid_block`` rows)."""
-    fixed = triton.Config(_INTERPRET_CONFIG) if interpreting() else None
-    launch(tuned, lambda meta: (bh * triton.cdiv(n, meta[grid_block]),), args, kwargs, fixed=fixed)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # the second is ignored for 16-bit operands
-
-
-def _head_consts(q: torch.Tensor) -> dict:
-    block_d, block_d1 = head_split(q.shape[-1])
-    return {"INPUT_PRECISION": _precision(q.dtype), "HEAD_DIM": q.shape[-1], "BLOCK_D": block_d, "BLOCK_D1": block_d1}
 
 
 def useful_fraction(n: int, d: int, block_m: int, block_n: int) -> float:
@@ -498,7 +363,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     B, H, N, D = q.shape
     out = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
     lse = empty((B, H, N), dtype=torch.float32, device=q.device)
-    _forward(q, k, v, out, lse, scale, **_head_consts(q))
+    variant = kernels.pick_variant("attention_fwd", "tma" if q.is_cuda else "pointer",
+                                   lambda v_: None if v_ == "pointer" else attention_tma.reason(q, k, v, out))
+    if variant == "tma":
+        attention_tma.forward(q, k, v, out, lse, scale)
+    else:
+        _forward(q, k, v, out, lse, scale, **_head_consts(q))
     return out, lse
 
 
@@ -541,7 +411,11 @@ def attention_fwd_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _backward(dout, q, k, v, out, lse, scale, dq, dk, dv) -> None:
-    """Launch the dQ kernel (which also writes delta), then the dK/dV kernel that reads it, into the given views."""
+    """Launch the dQ kernel (which also writes delta), then the dK/dV kernel that reads it, into the given views;
+    or, as the variant chosen, the fused backward (:mod:`vit_fast.kernels.attention_fused`)."""
+    if kernels.pick_variant("attention_bwd", "split", lambda v_: None) == "fused":
+        attention_fused.backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
+        return
     B, H, N, D = q.shape
     lse = lse.contiguous()
     delta = empty((B, H, N), dtype=torch.float32, device=q.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty, interpreting, launch, on_inputs_device
+from vit_fast.kernels import empty, interpreting, launch, on_inputs_device, use_shortlist
 from vit_fast.kernels.quantize_rows import e4m3_rows, fp8_rows_outputs
 
 MAX_C = 16384  # widest row kept in registers
@@ -174,6 +174,9 @@ def _layer_norm_bwd_kernel(
     partial = pid.to(tl.int64) * C + cols
     tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
     tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
+
+
+use_shortlist(_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)
 
 
 @on_inputs_device

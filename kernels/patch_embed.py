@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vit_fast.kernels import empty, fp32_tf32, interpreting, launch, on_inputs_device, smem_limit
+from vit_fast.kernels import empty, fp32_tf32, interpreting, launch, on_inputs_device, smem_limit, use_shortlist
 
 _SPLIT_ROWS = 4096  # dweight: patch rows reduced by one program before the M reduction is split
 _MAX_SPLIT = 8
@@ -318,6 +318,9 @@ def _grid_shape(images: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, i
     e, _, ph, pw = weight.shape
     gh, gw = h // ph, w // pw
     return bsz * gh * gw, gh * gw, gw, c * ph * pw, e
+
+
+use_shortlist(_patch_embed_fwd_kernel, _patch_embed_bwd_weight_kernel, _patch_embed_bwd_images_kernel)
 
 
 @on_inputs_device

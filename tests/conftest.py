@@ -2,8 +2,14 @@
 no flags. TRITON_INTERPRET must be set before triton (and vit_fast) is imported."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The suites live in folders (ops/, suites/); what they share lives in support/ and is imported by module name.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +23,34 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and importlib.util.f
     import interpreter_bf16
 
     interpreter_bf16.install()  # bf16 tl.dot on CPU computes on values, so bf16 kernel numerics test on CPU
+
+
+def pytest_configure(config):
+    """Hypothesis draws from one seed per run: ``$VIT_FAST_HYPOTHESIS_SEED`` where it is set (CI sets it, so a run
+    reproduces), else a fresh one (local runs keep exploring). The header prints it, so a failure replays with
+    ``VIT_FAST_HYPOTHESIS_SEED=<seed> pytest ...``. An explicit ``--hypothesis-seed`` wins."""
+    if config.getoption("hypothesis_seed", None) is not None:
+        return
+    from hypothesis import core
+
+    chosen = os.environ.get("VIT_FAST_HYPOTHESIS_SEED", "").strip()
+    try:
+        seed = int(chosen) if chosen else int.from_bytes(os.urandom(4), "little")
+    except ValueError:
+        raise pytest.UsageError(f"VIT_FAST_HYPOTHESIS_SEED must be an integer; got {chosen!r}") from None
+    core.global_force_seed = seed
+    config.stash[_HYPOTHESIS_SEED] = (seed, bool(chosen))
+
+
+_HYPOTHESIS_SEED = pytest.StashKey[tuple[int, bool]]()
+
+
+def pytest_report_header(config):
+    if _HYPOTHESIS_SEED not in config.stash:
+        return None
+    seed, fixed = config.stash[_HYPOTHESIS_SEED]
+    source = "from VIT_FAST_HYPOTHESIS_SEED" if fixed else "random"
+    return f"hypothesis seed: {seed} ({source}; replay with VIT_FAST_HYPOTHESIS_SEED={seed})"
 
 
 @pytest.fixture(autouse=True)

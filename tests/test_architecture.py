@@ -108,3 +108,8 @@ def test_layers_depend_downwards_only(lower, upper):
 def test_no_module_over_600_lines():
     sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_no_test_file_over_600_lines():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in (REPO / "tests").rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}

@@ -5,14 +5,13 @@ dispatcher (a CUDA kernel, a fake/meta kernel and the autograd rule for every op
 with fake CUDA tensors (forward and backward of every op, no GPU needed), the reasons the backend gives, and that a
 missing extension is a reason in explain(), never an import error.
 
-On a GPU (marked ``cuda``): every op's output and every gradient against the fp32 oracle (bf16, fp16; ViT and odd
-sizes; strided views), determinism, opcheck, torch.compile(fullgraph=True) of the model, training steps under
-autocast, and compute-sanitizer memcheck runs.
+On a GPU (marked ``cuda``): that auto waits for a measured policy, and compute-sanitizer memcheck runs of the
+kernels. Each op's CUDA numerics are in tests/ops/test_<op>.py, the contract (opcheck, determinism, NaN rows) in
+tests/suites/test_contract.py, the whole model on this backend in tests/suites/test_cuda_model.py.
 """
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import shutil
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import autocast_losses, check_oracle, leaves
 
 import vit_fast
 from vit_fast import backends
@@ -33,15 +31,13 @@ from vit_fast.ops import (
     attention_packed,
     layer_norm,
     layernorm_mlp,
-    layernorm_mlp_ref,
     patch_embed,
 )
-from vit_fast.tolerance import ATOL, assert_close
+from vit_fast.ops.spec import custom_op_names
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = tuple(op for op in backends.ops() if backends.limits(op, "cuda") is not None)  # the ops with C++ kernels
-VARIANTS = {v: op for op in OPS for v in backends.variants(op)}  # entry points with C++ ops of their own -> the op
-QUALNAMES = [f"vit_fast::{op}_{part}_cuda" for op in (*OPS, *VARIANTS) for part in ("fwd", "bwd")]
+QUALNAMES = [f"vit_fast::{name}" for op in OPS for name in custom_op_names(backends.spec(op), "cuda")]
 BUILT = backends.unavailable("cuda") is None
 needs_ext = pytest.mark.skipif(not BUILT, reason=f"cuda backend unavailable: {backends.unavailable('cuda')}")
 HALF = [torch.bfloat16, torch.float16]
@@ -110,7 +106,8 @@ def test_pure_python_wheel_without_the_extension(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (tmp_path / "wheels").glob("vit_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "vit_fast/ops/attention.py" in names and "vit_fast/kernels/attention.py" in names
+    assert "vit_fast/ops/attention/__init__.py" in names and "vit_fast/ops/attention/cases.py" in names
+    assert "vit_fast/kernels/attention.py" in names
     assert not [n for n in names if "/_C" in n or n.endswith(".so")]
 
 
@@ -149,22 +146,28 @@ def test_every_op_has_a_cuda_kernel_and_a_fake(qualname):
     assert has(qualname, "CUDA")
     assert has(qualname, "Meta")  # register_fake also registers the meta kernel
     assert torch._library.simple_registry.singleton.find(qualname).fake_impl.kernel is not None
-    op, part, _ = qualname.split("::")[1].rsplit("_", 2)
-    if part == "fwd":
+    if qualname.split("::")[1].rsplit("_", 2)[1] == "fwd":
         assert has(qualname, "Autograd")
-    assert torch._C._dispatch_pystub(qualname, "")[0] == f"vit_fast.ops.{VARIANTS.get(op, op)}"
 
 
 @needs_ext
-@pytest.mark.parametrize("op", [*OPS, *VARIANTS])
-def test_schemas_match_the_triton_ops(op):
-    if backends.unavailable("triton"):
-        pytest.skip(backends.unavailable("triton"))
-    for part in ("fwd", "bwd"):
-        cpp = getattr(torch.ops.vit_fast, f"{op}_{part}_cuda").default._schema
-        tri = getattr(torch.ops.vit_fast, f"{op}_{part}_triton").default._schema
-        assert [(a.name, str(a.type)) for a in cpp.arguments] == [(a.name, str(a.type)) for a in tri.arguments]
-        assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in tri.returns]
+@pytest.mark.parametrize("op", OPS)
+def test_schemas_are_written_once_in_python(op):
+    """Each C++ op's schema is its op's Contract, defined from Python: the extension registers kernels only (the
+    dispatcher checked each kernel's C++ signature against the schema when Python defined it, at import)."""
+    contract = backends.spec(op).contract
+    fwd, bwd = custom_op_names(backends.spec(op), "cuda")
+    for name, schema in ((fwd, contract.fwd_schema), (bwd, contract.bwd_schema)):
+        registered = getattr(torch.ops.vit_fast, name).default._schema
+        assert str(registered) == f"vit_fast::{name}{schema}"
+
+
+def test_the_extension_defines_no_schema():
+    sources = [p for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cpp", ".h")]
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        assert "TORCH_LIBRARY(" not in text and "m.def(" not in text, f"{path.name} defines a schema"
 
 
 def _fake_cuda_calls():
@@ -178,6 +181,7 @@ def _fake_cuda_calls():
     mlp = (t(2, 9, 32), t(32), t(32), t(64, 32), t(64), t(32, 64), t(32))
     return [
         ("attention", attention, (q, k, v), {}),
+        ("attention_packed", attention_packed, (t(2, 9, 3, 2, 64),), {}),
         ("layer_norm", layer_norm, (t(2, 9, 32), t(32), t(32)), {}),
         ("layernorm_mlp", layernorm_mlp, mlp, {"residual": t(2, 9, 32, dtype=torch.float32)}),
         ("patch_embed", patch_embed, (t(2, 3, 8, 8), t(16, 3, 4, 4), t(16)),
@@ -203,7 +207,7 @@ def test_public_ops_dispatch_to_cuda_with_fake_cuda_tensors():
         qkv = torch.randn(2, 9, 3, 2, 64, device="cuda", dtype=torch.bfloat16)  # (B, N, 3, H, D)
         with backends.trace() as rec:
             out = attention_packed(qkv)  # the C++ packed op, no Python wrapper
-        assert [(r.op, r.backend, r.phase) for r in rec] == [("attention", "cuda", "fwd")]
+        assert [(r.op, r.backend, r.phase) for r in rec] == [("attention_packed", "cuda", "fwd")]
         assert out.shape == (2, 2, 9, 64) and out.stride() == (9 * 2 * 64, 64, 2 * 64, 1)
 
 
@@ -339,247 +343,6 @@ def test_explicit_cuda_on_cpu_tensors_raises_with_reasons():
         layer_norm(x, torch.ones(8), torch.zeros(8))
 
 
-# ---- GPU: numerics against the fp32 oracle -----------------------------------------------------------------------
-
-gpu = pytest.mark.cuda
-
-
-_leaves = leaves
-
-
-def _check(op: str, args: tuple, kwargs: dict | None = None) -> torch.Tensor:
-    return check_oracle(op, "cuda", args, kwargs or {})[0]
-
-
-def _packed_qkv(B, N, H, D, dtype):
-    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype)
-    return [t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)]  # (B, H, N, D) views
-
-
-ATTN_SHAPES = [(2, 197, 3, 64), (2, 257, 2, 64), (1, 577, 2, 64), (2, 197, 2, 80), (1, 577, 1, 80),
-               (3, 50, 2, 64), (1, 1, 1, 64), (2, 65, 2, 128), (1, 1025, 1, 64)]
-
-
-@gpu
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_attention_matches_oracle(shape, dtype):
-    B, N, H, D = shape
-    q, k, v = _packed_qkv(B, N, H, D, dtype)
-    _check("attention", (q, k, v))
-
-
-@gpu
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-def test_attention_contiguous_transposed_and_scaled(dtype):
-    q, k, v = (torch.randn(2, 3, 97, 80, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
-    _check("attention", (q, k, v), {"scale": 0.3})
-    base = torch.randn(2, 97, 3, 64, device="cuda", dtype=dtype)  # (B, N, H, D) memory viewed as (B, H, N, D)
-    q, k, v = (base.transpose(1, 2).detach().requires_grad_() for _ in range(3))
-    _check("attention", (q, k, v))
-
-
-@gpu
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-@pytest.mark.parametrize("shape", [(2, 197, 3, 64), (1, 50, 2, 80), (1, 130, 2, 128), (2, 7, 1, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_attention_packed_matches_oracle_and_the_unpacked_op(shape, dtype):
-    """The packed C++ ops: forward and the one dqkv against the fp32 oracle, and bit-identical to attention() of
-    the q, k, v views (the same kernels; only the gradient's strides differ)."""
-    from vit_fast.ops.attention import unpack_qkv
-
-    B, N, H, D = shape
-    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype).requires_grad_()
-    check_oracle("attention_packed", "cuda", (qkv,), {"scale": 0.3})
-    dout = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
-    views = [t.detach().requires_grad_() for t in unpack_qkv(qkv.detach())]
-    with vit_fast.set_backend("cuda"):
-        out = attention_packed(qkv, scale=0.3)
-        (dqkv,) = torch.autograd.grad(out, qkv, dout)
-        want = attention(*views, scale=0.3)
-        grads = torch.autograd.grad(want, views, dout)
-    assert dqkv.is_contiguous() and torch.equal(out, want)
-    for got, g in zip(unpack_qkv(dqkv), grads, strict=True):
-        assert torch.equal(got, g)
-
-
-LN_SHAPES = [(2, 197, 768), (4, 257, 384), (1, 577, 1024), (3, 50, 80), (7, 33), (2, 5, 1280), (1, 3, 6144)]
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [*HALF, torch.float32], ids=[*HALF_IDS, "fp32"])
-@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_layer_norm_matches_oracle(shape, dtype):
-    c = shape[-1]
-    x = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype).requires_grad_()
-    w = (torch.randn(c, device="cuda") * 0.2 + 1).to(dtype).requires_grad_()
-    b = (torch.randn(c, device="cuda") * 0.2).to(dtype).requires_grad_()
-    _check("layer_norm", (x, w, b))
-
-
-@gpu
-def test_layer_norm_strided_rows_mixed_params_and_autocast():
-    base = torch.randn(4, 197, 2 * 768, device="cuda", dtype=torch.bfloat16)
-    x = base[..., :768].detach().requires_grad_()  # rows strided by 1536
-    w = (torch.randn(768, device="cuda") * 0.2 + 1).requires_grad_()  # fp32 parameters, bf16 input
-    b = (torch.randn(768, device="cuda") * 0.2).requires_grad_()
-    _check("layer_norm", (x, w, b))
-    with torch.autocast("cuda", dtype=torch.bfloat16), vit_fast.set_backend("cuda"):
-        y = layer_norm(x, w, b)
-    assert y.dtype == torch.float32  # CUDA autocast runs layer_norm in fp32
-
-
-def _mlp_inputs(shape, hidden, dtype, *, residual=True, param_dtype=None, res_dtype=None):
-    c = shape[-1]
-    pdt = param_dtype or dtype
-
-    def p(*s, scale=1.0, shift=0.0, dt=pdt):
-        return (torch.randn(*s, device="cuda") * scale + shift).to(dt).requires_grad_()
-
-    x = torch.randn(*shape, device="cuda").to(dtype).requires_grad_()
-    params = [p(c, scale=0.2, shift=1.0), p(c, scale=0.2), p(hidden, c, scale=c**-0.5), p(hidden, scale=0.2),
-              p(c, hidden, scale=hidden**-0.5), p(c, scale=0.2)]
-    res = p(*shape, dt=res_dtype or dtype) if residual else None
-    return [x, *params, res]
-
-
-MLP_NAMES = ["x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual"]
-
-
-def _mlp_call(*a):
-    return layernorm_mlp(*a[:7], residual=a[7])
-
-
-def _mlp_ref(*a, upcast):
-    return layernorm_mlp_ref(*a[:7], residual=a[7], upcast=upcast)
-
-
-MLP_SHAPES = [((2, 197, 384), 1536), ((2, 257, 768), 3072), ((1, 577, 192), 768), ((3, 50, 80), 200), ((9, 40), 72)]
-
-
-@gpu
-@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-@pytest.mark.parametrize("case", MLP_SHAPES, ids=lambda c: "x".join(map(str, c[0])) + f"_h{c[1]}")
-def test_layernorm_mlp_matches_oracle(case, dtype, residual):
-    shape, hidden = case
-    *args, res = _mlp_inputs(shape, hidden, dtype, residual=residual)
-    _check("layernorm_mlp", tuple(args), {"residual": res})
-
-
-@gpu
-def test_layernorm_mlp_under_autocast_fp32_residual_stream():
-    """The model's autocast path: fp32 x, residual and LayerNorm parameters, bf16 GEMMs, fp32 output."""
-    ins = _mlp_inputs((2, 197, 384), 1536, torch.float32)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        with vit_fast.set_backend("cuda"):
-            out = _mlp_call(*ins)
-        ref = layernorm_mlp_ref(*_leaves(ins)[:7], residual=ins[7])
-    assert out.dtype == ref.dtype == torch.float32
-    ref32 = layernorm_mlp_ref(*_leaves(ins)[:7], residual=ins[7], upcast=True)
-    assert_close(out, ref, ref32, atol=ATOL[torch.bfloat16])
-    out.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
-
-
-@gpu
-def test_layernorm_mlp_only_requested_gradients_and_no_saved_pre():
-    x, *params, res = _mlp_inputs((2, 197, 384), 1536, torch.bfloat16)
-    for t in params:
-        t.requires_grad_(False)
-    with vit_fast.set_backend("cuda"):
-        out = layernorm_mlp(x, *params, residual=res)
-    (dx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
-    ref32_in = _leaves([x, *params, res], torch.float32)
-    (want,) = torch.autograd.grad(layernorm_mlp_ref(*ref32_in[:7], residual=ref32_in[7], upcast=True), [ref32_in[0]],
-                                  torch.ones_like(out, dtype=torch.float32))
-    low = _leaves([x])[0]
-    (lo,) = torch.autograd.grad(layernorm_mlp_ref(low, *params, residual=res), [low], torch.ones_like(out))
-    assert_close(dx, lo, want, name="dx")
-    # The backward recomputes the pre-activation when the forward did not save it.
-    ins = _mlp_inputs((3, 50, 80), 200, torch.float16)
-    mean_rstd = torch.ops.vit_fast.layernorm_mlp_fwd_cuda(*[t.detach() for t in ins[:7]], None, 1e-6, False)
-    assert mean_rstd[3].numel() == 0
-    saved = torch.ops.vit_fast.layernorm_mlp_fwd_cuda(*[t.detach() for t in ins[:7]], None, 1e-6, True)
-    dout = torch.randn_like(saved[0])
-    args = [t.detach() for t in ins[:6]]
-    a = torch.ops.vit_fast.layernorm_mlp_bwd_cuda(dout, *args, saved[1], saved[2], saved[3], True, True, True)
-    b = torch.ops.vit_fast.layernorm_mlp_bwd_cuda(dout, *args, saved[1], saved[2], mean_rstd[3], True, True, True)
-    for g1, g2 in zip(a, b, strict=True):
-        torch.testing.assert_close(g1, g2, atol=2e-3, rtol=2e-3)
-
-
-PATCH_CASES = [(2, 3, 224, 224, 16, 192), (2, 3, 64, 48, 16, 96), (1, 3, 56, 56, 14, 80), (2, 1, 12, 20, 4, 24)]
-
-
-@gpu
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-@pytest.mark.parametrize("pos", ["1+N", "N", None])
-@pytest.mark.parametrize("case", PATCH_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_patch_embed_matches_oracle(case, pos, dtype):
-    B, C, H, W, P, E = case
-    n = (H // P) * (W // P)
-    images = torch.randn(B, C, H, W, device="cuda").to(dtype).requires_grad_()
-    weight = (torch.randn(E, C, P, P, device="cuda") * (C * P * P) ** -0.5).to(dtype).requires_grad_()
-    bias = (torch.randn(E, device="cuda") * 0.2).to(dtype).requires_grad_()
-    cls = (torch.randn(1, 1, E, device="cuda") * 0.2).requires_grad_()  # fp32, as the model holds it
-    pos_embed = None if pos is None else (torch.randn(1, n + (pos == "1+N"), E, device="cuda") * 0.2).requires_grad_()
-
-    _check("patch_embed", (images, weight, bias), {"cls_token": cls, "pos_embed": pos_embed})
-
-
-@gpu
-def test_patch_embed_strided_images_no_cls_no_bias():
-    base = torch.randn(2, 3, 64, 80, device="cuda", dtype=torch.bfloat16)
-    images = base[..., :64].detach().requires_grad_()  # rows strided by 80
-    weight = (torch.randn(32, 3, 16, 16, device="cuda") * 0.03).to(torch.bfloat16).requires_grad_()
-    _check("patch_embed", (images, weight, None))
-
-
-# ---- GPU: compile, training, sanitizer (opcheck, determinism, NaN rows: tests/test_contract.py) ---------------
-
-
-@gpu
-def test_compiled_model_fullgraph_under_cuda():
-    torch._dynamo.reset()
-    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10).cuda().to(torch.bfloat16)
-    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
-    with vit_fast.set_backend("cuda"):
-        eager = m(x)
-        compiled = torch.compile(m, fullgraph=True)
-        out = compiled(x)
-        out.float().square().mean().backward()
-    with vit_fast.set_backend("reference"), torch.no_grad():
-        ref = m(x)
-        oracle = copy.deepcopy(m).double()(x.double())
-    assert_close(eager, ref, oracle, name="eager logits")
-    assert_close(out, ref, oracle, name="compiled logits")
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-
-
-@gpu
-def test_training_steps_under_autocast():
-    torch.manual_seed(0)
-    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10).cuda()
-    x = torch.randn(8, 3, 64, 64, device="cuda")
-    y = torch.randint(0, 10, (8,), device="cuda")
-    losses = autocast_losses(m, x, y, 6, "cuda")
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
-    # The first step's gradients point where the reference backend's do.
-    m2 = vit_fast.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10).cuda()
-    grads = {}
-    for backend in ("cuda", "reference"):
-        m2.zero_grad()
-        with vit_fast.set_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
-            torch.nn.functional.cross_entropy(m2(x), y).backward()
-        grads[backend] = {n: p.grad.float().flatten() for n, p in m2.named_parameters()}
-    for n, g in grads["cuda"].items():
-        r = grads["reference"][n]
-        if r.norm() > 1e-6:
-            assert torch.nn.functional.cosine_similarity(g, r, dim=0) > 0.98, n
-
-
 def _sanitizer() -> str | None:
     found = shutil.which("compute-sanitizer")
     if found:
@@ -626,7 +389,7 @@ torch.cuda.synchronize()
 """
 
 
-@gpu
+@pytest.mark.cuda
 @pytest.mark.subprocess
 def test_compute_sanitizer_memcheck(tmp_path):
     """One memcheck run over every op's forward and backward at small shapes with tails."""

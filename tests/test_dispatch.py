@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,33 @@ def test_explain_covers_every_op_and_backend():
         assert set(vit_fast.explain("cpu").picked.values()) == {"(raises)"}
 
 
+def test_explain_reports_the_choice_in_force_in_its_own_thread():
+    """explain() and explain(model, images) report this thread's use_backend where one is in force, while another
+    thread explains under the process default at the same time."""
+    m = vit_fast.create_model("vit_tiny_patch4_32", depth=1, num_classes=3, embed_dim=48).eval()
+    x = torch.randn(1, 3, 32, 32)
+    barrier, seen = threading.Barrier(2), {}
+
+    def worker():
+        with vit_fast.use_backend("cuda"):
+            barrier.wait()  # the main thread explains while this choice is in force
+            ex = vit_fast.explain("cpu")
+            seen["thread"] = ex.title, set(ex.picked.values())
+            barrier.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    barrier.wait()
+    ex = vit_fast.explain("cpu")
+    barrier.wait()
+    t.join()
+    assert "backend setting 'auto'" in ex.title and set(ex.picked.values()) == {"reference"}
+    assert "backend setting 'cuda'" in seen["thread"][0] and seen["thread"][1] == {"(raises)"}
+    with vit_fast.set_backend("cuda"), vit_fast.use_backend("reference"):
+        ex = vit_fast.explain(m, x)
+    assert "backend setting 'reference'" in ex.title and set(ex.picked.values()) == {"reference"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
 def test_explain_for_cuda_without_a_gpu_says_so():
     ex = vit_fast.explain("cuda")
@@ -173,14 +202,14 @@ def test_explain_a_model_on_its_images_per_layer_and_op():
     with launches() as rec, torch.no_grad():
         m(x)
     layers = {r["where"].split(": ")[0] for r in ex.rows}
-    assert {"patch_embed", "blocks.0-1.attn"} <= layers, layers  # layers that picked alike share a row group
+    assert {"patch_embed", "blocks.0-1.attn.core"} <= layers, layers  # layers that picked alike share a row group
     assert set(ex.picked.values()) == {"reference"}
     assert {r["op"] for r in ex.rows} == {r.op for r in rec}  # every op the model ran
     for r in ex.rows:
         assert r["available"] == (not r["reasons"])
         if r["backend"] == "cuda":
             assert any("device cpu not supported" in w or "vit_fast._C" in w for w in r["reasons"]), r
-    assert "<- picked" in str(ex) and "blocks.0-1.attn: attention" in str(ex)
+    assert "<- picked" in str(ex) and "blocks.0-1.attn.core: attention_packed" in str(ex)
 
 
 def test_model_is_identical_under_auto_and_reference():
@@ -191,3 +220,159 @@ def test_model_is_identical_under_auto_and_reference():
         with vit_fast.set_backend("reference"):
             b = m(x)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---- the backend setting in threads, tasks and compiled code; the cached pick ------------------------------------
+
+
+def test_use_backend_is_local_to_the_thread_and_wins_over_the_process_default():
+    seen = {}
+
+    def worker(name):
+        with vit_fast.use_backend(name):
+            barrier.wait()  # every thread holds its own choice at the same time
+            seen[name] = vit_fast.get_backend()
+
+    barrier = threading.Barrier(3)
+    with vit_fast.set_backend("cuda"):
+        threads = [threading.Thread(target=worker, args=(n,)) for n in ("reference", "triton")]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        assert vit_fast.get_backend() == "cuda"  # the process default, untouched by the threads' choices
+        for t in threads:
+            t.join()
+        with vit_fast.use_backend("reference"):
+            assert vit_fast.get_backend() == "reference"
+            with vit_fast.set_backend("triton"):  # a new default does not override a local choice
+                assert vit_fast.get_backend() == "reference"
+    assert seen == {"reference": "reference", "triton": "triton"}
+    with pytest.raises(ValueError, match="auto, reference, triton, cuda"), vit_fast.use_backend("cudnn"):
+        pass
+
+
+def test_use_backend_is_local_to_the_asyncio_task():
+    async def task(name):
+        with vit_fast.use_backend(name):
+            await asyncio.sleep(0)  # the other task runs here, under its own choice
+            return vit_fast.get_backend()
+
+    async def both():
+        return await asyncio.gather(task("reference"), task("triton"))
+
+    assert asyncio.run(both()) == ["reference", "triton"]
+    assert vit_fast.get_backend() == "auto"
+
+
+def test_threads_with_their_own_backend_and_model_get_their_single_threaded_results():
+    """8 threads, each its own model and choice, 200 forwards each (the Triton interpreter is one-thread-only:
+    one thread runs it, on a layer of its own, while the default is set to something the others must not run)."""
+    models = [vit_fast.create_model("vit_tiny_patch4_32", depth=1, num_classes=3, embed_dim=48).eval()
+              for _ in range(7)]
+    images = [torch.randn(1, 3, 32, 32) for _ in range(7)]
+    settings = ["reference", "auto"] * 3 + ["reference"]
+    with torch.no_grad():
+        want = [m(x) for m, x in zip(models, images, strict=True)]
+        lx, lw, lb = torch.randn(4, 48), torch.randn(48), torch.randn(48)
+        triton_ran = not backends.reasons("triton", "layer_norm", (lx, lw, lb), {})
+        with vit_fast.use_backend("triton" if triton_ran else "reference"):
+            ln_want = ops.layer_norm(lx, lw, lb)
+    errors: list[str] = []
+
+    def serve(i):
+        with vit_fast.use_backend(settings[i]), torch.no_grad():
+            for _ in range(200):
+                if not torch.equal(models[i](images[i]), want[i]):
+                    errors.append(f"thread {i} ({settings[i]})")
+                    return
+
+    def interpret():
+        with vit_fast.use_backend("triton" if triton_ran else "reference"), torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(ops.layer_norm(lx, lw, lb), ln_want):
+                    errors.append("the Triton thread")
+                    return
+
+    with vit_fast.set_backend("cuda"):  # a thread that read the process default would raise: no GPU here
+        threads = [threading.Thread(target=serve, args=(i,)) for i in range(7)]
+        threads.append(threading.Thread(target=interpret))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+def test_a_compiled_function_recompiles_under_another_choice():
+    """The choice is read while tracing and guarded: a call under a setting not seen before (use_backend's or
+    set_backend's) recompiles, one seen before reuses its graph; no torch._dynamo.reset() is needed."""
+    x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
+    if backends.reasons("triton", "layer_norm", (x, w, b), {}):
+        pytest.skip("triton cannot run here")
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda *a: ops.layer_norm(*a), fullgraph=True, backend=counting)
+    steps = [(vit_fast.use_backend, "reference", 1), (vit_fast.use_backend, "triton", 2),
+             (vit_fast.use_backend, "reference", 2), (vit_fast.set_backend, "triton", 3),
+             (vit_fast.set_backend, "auto", 4), (vit_fast.set_backend, "triton", 4)]
+    for setter, name, compiles in steps:
+        with setter(name), launches() as rec, torch.no_grad():
+            compiled(x, w, b)
+        assert {r.backend for r in rec} == {"reference" if name == "auto" else name}, (name, rec)
+        assert len(graphs) == compiles, (setter.__name__, name, len(graphs))
+
+
+def test_the_cached_pick_follows_the_setting_dtype_shape_and_grad_mode():
+    """The per-call pick is cached; a change of any of what it depends on is never served a stale one."""
+    x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
+    if backends.reasons("triton", "layer_norm", (x, w, b), {}):
+        pytest.skip("triton cannot run here")
+
+    def ran(*args, setting="auto"):
+        with vit_fast.set_backend(setting), launches() as rec:
+            ops.layer_norm(*args)
+        return {r.backend for r in rec}
+
+    assert ran(x, w, b) == {"reference"}
+    assert ran(x, w, b, setting="triton") == {"triton"}
+    assert ran(x, w, b) == {"reference"}
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        ran(x.double(), w.double(), b.double(), setting="triton")
+    assert ran(x.double(), w.double(), b.double()) == {"reference"}
+    wide = torch.randn(4, 20000)
+    with pytest.raises(BackendUnavailableError, match="width"):
+        ran(wide, torch.ones(20000), torch.zeros(20000), setting="triton")
+    assert ran(x[:0], w, b, setting="triton") == {"reference"}  # empty: nothing to launch
+    assert ran(x, w, b, setting="triton") == {"triton"}
+
+
+def test_a_kernel_that_cannot_launch_falls_back_to_the_reference_in_auto_and_raises_when_chosen(monkeypatch):
+    """Every config ran out of a device resource (vit_fast.kernels.KernelLaunchError): auto warns and runs the
+    reference; an explicit choice raises, naming the backend."""
+    from vit_fast.kernels import KernelFallbackWarning, KernelLaunchError
+
+    def no_room(*args):
+        raise KernelLaunchError("no config of _layer_norm_fwd_kernel fits: out of shared memory")
+
+    info = backends._OPS["layer_norm"]
+    impl = info.impls["triton"]
+    monkeypatch.setitem(info.impls, "triton", backends.Impl(no_room, impl.limits, impl.records))
+    monkeypatch.setattr(backends, "_auto", lambda *a, **k: ("triton", "auto: a policy's pick", {}))
+    backends._PICKS.clear()
+    x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
+    with pytest.warns(KernelFallbackWarning, match="cannot launch"), launches() as rec:
+        out = ops.layer_norm(x, w, b)
+    assert [r.backend for r in rec] == ["reference"]
+    torch.testing.assert_close(out, ops.layer_norm_ref(x, w, b))
+    with vit_fast.set_backend("triton"), pytest.raises(BackendUnavailableError, match="cannot launch layer_norm"):
+        ops.layer_norm(x, w, b)
+    backends._PICKS.clear()
+
+
+def test_the_setting_offers_auto_and_every_backend():
+    assert backends.CHOICES == ("auto", *backends.BACKENDS)

@@ -349,3 +349,41 @@ def test_the_wheel_ships_the_policies(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (tmp_path / "wheels").glob("vit_fast-*.whl")
     assert "vit_fast/policies/nvidia-h200-sm90.json" in zipfile.ZipFile(wheel).namelist()
+
+
+# ---- the torch.compile verdict -------------------------------------------------------------------------------------
+
+
+def test_under_torch_compile_choose_follows_the_compiled_verdict():
+    """An entry where triton beats eager PyTorch but not inductor's code: eager picks triton, compiled the
+    reference; an entry written before the compiled verdict existed gives its eager order, and says so."""
+    e = _entry()
+    e["compiled_order"] = ["reference"]
+    e["measured"]["triton"]["compiled_speedup"] = 0.9
+    old = _entry(bucket=[64, 256, 128])  # no compiled_order: a policy from before
+    _write(_user_file(), _doc(e, old))
+    eager = policy.choose("cuda", 0, "attention", "bfloat16", "fwd", tuple(ATTN_BUCKET))
+    compiled = policy.choose("cuda", 0, "attention", "bfloat16", "fwd", tuple(ATTN_BUCKET), compiled=True)
+    assert eager[0] == ("triton", "reference") and compiled[0] == ("reference",)
+    assert "under torch.compile" in compiled[2] and "triton 0.90x" in compiled[2]
+    before = policy.choose("cuda", 0, "attention", "bfloat16", "fwd", (64, 256, 128), compiled=True)
+    assert before[0] == ("triton", "reference") and "no torch.compile verdict" in before[2]
+
+
+def test_the_dispatcher_follows_the_compiled_verdict_inside_a_trace(fake_h200, monkeypatch):
+    """auto on the same inputs: triton in eager code (it beat eager PyTorch), the reference while torch.compile
+    traces (inductor's code beat it): the dispatcher asks torch.compiler.is_compiling()."""
+    e = _entry()
+    e["compiled_order"] = ["reference"]
+    _write(_user_file(), _doc(e))
+    (q, _, _), _ = _qkv()
+    args = ((q, q, q), {"scale": None, "dropout_p": 0.0})
+    assert backends.pick("attention", *args, device=CUDA0, full=False).backend == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    chosen = backends.pick("attention", *args, device=CUDA0, full=False)
+    assert chosen.backend == "reference" and "under torch.compile" in chosen.why
+
+
+def test_a_compiled_order_without_the_reference_is_malformed():
+    assert "entry 0 is malformed" in policy.format_problems(_doc({**_entry(), "compiled_order": ["triton"]}))[0]
+    assert policy.format_problems(_doc({**_entry(), "compiled_order": ["triton", "reference"]})) == []

@@ -13,6 +13,7 @@ from PIL import Image
 
 import vit_fast
 from vit_fast.cli import main
+from vit_fast.predict import EXIT_SKIPPED
 
 NANO = "vit_nano_patch2_8"
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
@@ -82,7 +83,7 @@ def test_predict_a_run_on_a_folder_with_corrupt_and_converted_images(run_dir, im
     rc = main(["predict", str(run), str(images["gray0"].parent), str(images["corrupt"]), "--out", str(out),
                "--batch-size", "2", "--workers", "0", "--no-progress", "--top-k", "3", "--attention-maps", str(maps)])
     captured = capsys.readouterr()
-    assert rc == 0, captured.err
+    assert rc == EXIT_SKIPPED, captured.err  # a file was skipped: a script can tell
     recs = _read_jsonl(out)
     assert sorted(recs) == ["big.jpg", "corrupt.png", "gray0.png", "gray1.png",
                             "gray2.png", "rgb.png"]
@@ -178,7 +179,7 @@ def test_images_decode_in_loader_worker_processes(run_dir, images, tmp_path):
     run, model = run_dir
     out = tmp_path / "p.jsonl"
     assert main(["predict", str(run), str(images["gray0"].parent), "--workers", "2", "--batch-size", "2",
-                 "--no-progress", "--out", str(out)]) == 0
+                 "--no-progress", "--out", str(out), "--skip-bad"]) == 0
     recs = _read_jsonl(out)
     assert len(recs) == 6 and recs["gray1.png"]["top"][0]["class"] == _expected_top(model, images["gray1"], 1)[0]
 

@@ -83,7 +83,10 @@ def test_no_measure_and_missing_run_directory(tmp_path, capsys):
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| r ")][0]
     assert [c.strip() for c in row.strip("|").split("|")][9] == "-"
     assert main(["report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")]) == 1
-    assert "neither summary.json nor metrics.jsonl" in capsys.readouterr().err
+    assert "does not exist: not a `vit-fast train` run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert "holds none of summary.json, model.safetensors, metrics.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [{}, {"class_token": False, "global_pool": "avg", "num_classes": 0}])

@@ -201,7 +201,7 @@ def test_fx_symbolic_trace_and_feature_extractor_equal_eager():
     x = torch.randn(2, 3, 32, 32)
     gm = torch.fx.symbolic_trace(m)
     leaves = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert {vit_fast.model._attention_packed, vit_fast.model._layernorm_mlp, vit_fast.model._patch_embed} <= leaves
+    assert {vit_fast.model.attention_packed, vit_fast.model.layernorm_mlp, vit_fast.model.patch_embed} <= leaves
     fe = create_feature_extractor(m, return_nodes={"blocks.1": "mid", "head": "logits"})
     with torch.no_grad():
         out = fe(x)

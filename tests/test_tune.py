@@ -12,6 +12,7 @@ import torch
 import vit_fast
 import vit_fast.cli
 from vit_fast import policy, tune
+from vit_fast.bench.cases import default_ops
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,9 @@ def test_quick_tune_on_cpu_writes_a_policy_where_auto_finds_it(quick_cpu):
     rc, doc, path, out = quick_cpu
     assert rc == 0, out
     assert policy.format_problems(doc) == [] and policy.stale_problems(doc, policy.device_kind("cpu")) == []
-    assert {(e["op"], e["mode"]) for e in doc["entries"]} == {(op, m) for op in tune.OPS for m in ("fwd", "fwd+bwd")}
+    cpu_ops = default_ops(torch.device("cpu"))  # the fp8 ops are GPU-only by default, forward-only when named
+    assert set(cpu_ops) == set(tune.OPS) - {"scaled_linear", "attention_fp8", "layer_norm_fp8", "quantize_rows"}
+    assert {(e["op"], e["mode"]) for e in doc["entries"]} == {(op, m) for op in cpu_ops for m in ("fwd", "fwd+bwd")}
     assert f"wrote {path}" in out and "vit_fast/policies/cpu-" in out and "auto picks" in out
     assert doc["command"].startswith("vit-fast tune --device cpu") and doc["rule"] == tune.RULE
 
@@ -71,7 +74,7 @@ def test_explain_on_cpu_names_the_tuned_policy_and_the_reference_measured(quick_
     images = torch.randn(doc["batch_sizes"][0], 3, *model.patch_embed.img_size)
     ex = vit_fast.explain(model, images)
     assert f"policy {path}" in ex.title
-    attn = next(r for r in ex.rows if r["op"] == "attention" and r["picked"])
+    attn = next(r for r in ex.rows if r["op"] == "attention_packed" and r["picked"])
     assert attn["backend"] == "reference" and attn["speedup"] == 1.0
     assert "the reference measured fastest" in attn["note"] and "On CPU auto runs the reference" in attn["note"]
 
@@ -155,3 +158,43 @@ def test_an_interrupted_tune_keeps_every_case_it_measured(tmp_path, monkeypatch)
     assert len(calls) == 2 and [(e["op"], e["mode"]) for e in doc["entries"]] == [("attention", "fwd"),
                                                                                   ("attention", "fwd+bwd")]
     assert policy.format_problems(doc) == [] and any(n.startswith("Interrupted") for n in doc["notes"])
+
+
+def _inductor(ms: float | None, status: str = "ok", mode: str = "fwd") -> dict:
+    row = {**_row("reference", ms, mode=mode, status=status), "provider": "compiled:reference"}
+    return row if ms is not None else {**row, "reason": "torch.compile skipped"}
+
+
+@pytest.mark.parametrize("inductor_ms, compiled_order", [
+    (0.9, ["triton", "reference"]),  # triton 0.7 ms beats inductor's 0.9 beyond the noise
+    (0.72, ["reference"]),  # inductor nearly as fast: under compile the reference (inductor) runs
+    (None, ["reference"]),  # not measured: unmeasured means the reference
+])
+def test_each_entry_holds_the_eager_and_the_compiled_verdict(inductor_ms, compiled_order):
+    rows = [_row("reference", 1.0), _row("triton", 0.7), _inductor(inductor_ms, "ok" if inductor_ms else "skipped")]
+    e = tune.entry(CASE, "fwd", rows, GPU)
+    assert e["order"] == ["triton", "reference"] and e["compiled_order"] == compiled_order
+    assert "inductor" in e["measured"] and "compiled:reference" not in e["measured"]
+    if inductor_ms:
+        assert e["measured"]["triton"]["compiled_speedup"] == pytest.approx(inductor_ms / 0.7)
+    else:
+        assert "not measured" in e["compiled_why"]
+    assert policy.format_problems({**policy.new_document({"type": "cuda", "name": "x", "capability": "9.0"}),
+                                   "entries": [e]}) == []
+
+
+def test_triton_variants_are_timed_and_the_fastest_named_but_never_ranked_as_backends():
+    rows = [_row("reference", 1.0), _row("triton", 0.8),
+            {**_row("triton", 0.6), "provider": "vit_fast:triton@attention_bwd=fused"}]
+    e = tune.entry(CASE, "fwd", rows, GPU)
+    assert e["order"] == ["triton", "reference"] and e["kernel_variants"] == {"attention_bwd": "fused"}
+    slower = [rows[0], rows[1], {**_row("triton", 0.9), "provider": "vit_fast:triton@attention_bwd=fused"}]
+    assert tune.entry(CASE, "fwd", slower, GPU)["kernel_variants"] == {"attention_bwd": "default"}
+
+
+def test_tune_times_the_op_under_torch_compile_and_each_triton_variant():
+    from vit_fast.bench.cases import OP_BENCHES
+
+    names = [p.name for p in tune.providers(OP_BENCHES["attention"], torch.device("cpu"), quick=False)]
+    assert {"vit_fast:triton@attention_fwd=pointer", "vit_fast:triton@attention_bwd=fused"} <= set(names)
+    assert any(n.startswith("compiled:") for n in names)

@@ -164,3 +164,29 @@ def test_load_does_not_warn_when_everything_fits():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vit_fast.load_checkpoint(m, t.state_dict())
+
+
+def _torchvision_state_dict() -> dict:
+    tvm = pytest.importorskip("torchvision.models")
+    return tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=3, hidden_dim=48, mlp_dim=96,
+                                 num_classes=7).state_dict()
+
+
+@pytest.mark.parametrize("layout", ["timm/vit_fast", "Hugging Face ViT", "torchvision ViT"])
+def test_an_unknown_layout_names_the_closest_known_one_and_the_keys(layout):
+    """A checkpoint of a known layout under a wrapper's prefix (or with a key renamed) is no known layout: the
+    error says which one it resembles, and lists what is missing and what is unexpected."""
+    source = {"timm/vit_fast": lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).state_dict(),
+              "Hugging Face ViT": lambda: _hf_model().state_dict(),
+              "torchvision ViT": _torchvision_state_dict}[layout]()
+    sd = {f"backbone.{k}": v for k, v in source.items()}
+    m = vit_fast.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(KeyError) as info:
+        vit_fast.load_checkpoint(m, sd)
+    text = str(info.value)
+    assert f"closest to the {layout} layout" in text and "every key starts with 'backbone.'" in text
+    assert "missing keys ['blocks.0." in text and "unexpected keys ['backbone." in text
+    renamed = dict(source)
+    renamed["something.else"] = renamed.pop(next(iter(renamed)))
+    with pytest.raises(KeyError, match=f"closest to the {layout} layout"):
+        vit_fast.load_checkpoint(m, renamed)

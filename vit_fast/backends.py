@@ -1,17 +1,24 @@
 """The one dispatch point: which implementation runs each op.
 
 Backends: ``reference`` (pure PyTorch, runs everywhere), ``triton`` (kernels/), ``cuda`` (vit_fast._C), and
-``auto``. Each kernel backend declares, per op, its :class:`Limits` as data; from them and the inputs it
-answers a list of reasons why it cannot run them. :func:`pick` is the one function that chooses: on CUDA
-``auto`` follows the device's measured policy (:mod:`vit_fast.policy`: per op, dtype, mode and shape bucket, the
-backends verified and timed faster than the reference, fastest first) and takes the first with no reason;
-unmeasured means the reference, and so does every other device. An explicitly chosen backend that cannot run
-raises :class:`BackendUnavailableError` with every reason.
-:func:`explain` reports what :func:`pick` chose, for example inputs or for a model on real inputs.
+``auto``. The dispatcher holds each op's spec (:class:`vit_fast.ops.spec.OpSpec`, declared once in the op's
+module) and each kernel backend's forward custom op and :class:`Limits`, declared as data; from the limits and the
+inputs a backend answers a list of reasons why it cannot run them. :func:`pick` is the one function that chooses:
+on CUDA ``auto`` follows the device's measured policy (:mod:`vit_fast.policy`: per op, dtype, mode and shape
+bucket, the backends verified and timed faster than the reference, fastest first) and takes the first with no
+reason; unmeasured means the reference, and so does every other device. An explicitly chosen backend that cannot
+run raises :class:`BackendUnavailableError` with every reason. :func:`explain` reports what :func:`pick` chose.
 
-Selection reads only module globals set at import (what is installed and built), the policy read once per
-device at its first pick, and the inputs' device, dtype, shapes and whether they need gradients, so under
-``torch.compile`` it becomes guards, not graph breaks. Nothing here queries the GPU at import time.
+The call path is one hop: the op's public function checks its arguments and makes a :class:`Call`,
+:func:`dispatch` picks (cached per op, setting, device, dtypes, grad mode, facts, shape bucket, autocast and the
+policy in force) and calls the chosen implementation: the reference, or the kernel backend's ``torch.ops``
+custom op, whose body is the Triton launcher (or the extension's C++ kernel).
+
+The setting is :func:`set_backend` (the process default), :func:`use_backend` (this thread or asyncio task only,
+over the default) and ``$VIT_FAST_BACKEND``. Selection reads only what is installed and built (probed at import),
+the policy read once per device at its first pick, the setting, and the inputs' device, dtype, shapes and whether
+they need gradients, so under ``torch.compile`` it becomes guards, not graph breaks. Nothing here queries the GPU
+at import time.
 """
 
 from __future__ import annotations
@@ -21,15 +28,20 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Collection, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 
 from vit_fast import policy
+from vit_fast.kernels import KernelFallbackWarning, KernelLaunchError
+from vit_fast.launches import Launch, record, trace  # noqa: F401 - part of the dispatcher's interface
+from vit_fast.setting import CHOICES, get_backend, set_backend, use_backend, validate  # noqa: F401 - as above
 
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
-CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 HALF: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 FLOATS: tuple[torch.dtype, ...] = (*HALF, torch.float32)
 
@@ -128,30 +140,41 @@ def capability(index: int) -> tuple[int, int]:
     return _CAPABILITY[index]
 
 
-# ---- the registry ---------------------------------------------------------------------------------------------
+# ---- the registry ----------------------------------------------------------------------------------------------
+
+
+class Call(NamedTuple):
+    """One call of an op as the dispatcher runs it, made by the op's public function from the user's arguments
+    (defaults filled in, autocast's casts applied, the way custom ops need them):
+
+    - ``args``: the kernel forward schema's leading arguments, which the reference takes positionally too;
+    - ``kernel``: the schema's trailing arguments that only kernels take (a flag saying the backward will come);
+    - ``extras``: keyword arguments only the reference takes (``dropout_p``): every kernel's limits refuse
+      anything but their default, so a kernel never needs them.
+    """
+
+    args: tuple
+    kernel: tuple = ()
+    extras: Mapping[str, object] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
 class Impl:
-    """One backend's implementation of one op: the public-signature function and its limits (None for the
-    reference, which runs everything)."""
+    """One kernel backend's implementation of one op: the forward custom op (None: its kernels are not there, not
+    built), its limits, and whether the op records its own launches (Python custom ops do, from inside)."""
 
-    fn: Callable
-    limits: Limits | None = None
+    fn: Callable | None
+    limits: Limits
+    records: bool = True
 
 
 @dataclass
 class OpInfo:
-    """What the dispatcher knows of an op: how to read its inputs' facts, example inputs for :func:`explain`,
-    the shape bucket a policy measures it in, and its implementations by backend. ``variants``: other entry points
-    of the same computation (attention on a packed qkv tensor), by name then backend; the op's own limits, policy
-    and pick choose the backend for them."""
+    """What the dispatcher holds of an op: its spec (:class:`vit_fast.ops.spec.OpSpec`: the reference, how to read
+    the facts the limits look at, the policy bucket, the kernel contract) and its kernel implementations."""
 
-    facts: Callable[..., Facts]
-    example: Callable[[torch.dtype], tuple[tuple, dict]]
-    bucket: Callable[..., tuple[int, ...]]
+    spec: object
     impls: dict[str, Impl] = field(default_factory=dict)
-    variants: dict[str, dict[str, Callable]] = field(default_factory=dict)
 
 
 _OPS: dict[str, OpInfo] = {}
@@ -201,13 +224,11 @@ _probe_environment()
 _INTERPRET = triton_interpreter()
 
 
-def declare(op: str, reference: Callable, facts: Callable[..., Facts],
-            example: Callable[[torch.dtype], tuple[tuple, dict]], bucket: Callable[..., tuple[int, ...]]) -> None:
-    """Declare an op: its reference implementation, how to read the facts the limits look at from its
-    arguments, small example inputs (on the meta device) for :func:`explain`, and its policy bucket: from the
-    shapes only, the sizes that decide which kernel is fastest, coarsened by :func:`size_bucket`, the
-    batch-like size (rows, batch x heads) last."""
-    _OPS[op] = OpInfo(facts=facts, example=example, bucket=bucket, impls={"reference": Impl(reference)})
+def declare(spec: object) -> None:
+    """Declare an op (its :class:`vit_fast.ops.spec.OpSpec`), under ``spec.name``. Declaring a name again replaces
+    the op and its backends (a test's toy op)."""
+    _OPS[spec.name] = OpInfo(spec)
+    _PICKS.clear()
 
 
 def size_bucket(n: int) -> int:
@@ -216,28 +237,35 @@ def size_bucket(n: int) -> int:
     return 1 if int(n) <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def call_of(op: str, args: Sequence, kwargs: dict) -> Call:
+    """The :class:`Call` the op's public function makes of these (public) arguments."""
+    return _OPS[op].spec.call(*args, **kwargs)
+
+
 def bucket(op: str, args: Sequence, kwargs: dict) -> tuple[int, ...]:
-    """``op``'s shape bucket for these inputs (see :func:`declare`)."""
-    return tuple(int(b) for b in _OPS[op].bucket(*args, **kwargs))
+    """``op``'s policy bucket for these (public) arguments: the sizes that decide which kernel is fastest,
+    coarsened by :func:`size_bucket`, the batch-like size last."""
+    return _bucket_of(_OPS[op].spec, call_of(op, args, kwargs))
 
 
-def register(op: str, backend: str, fn: Callable | None, limits: Limits) -> None:
-    """Register ``fn`` (the op's public signature) as ``backend``'s implementation of ``op``; ``fn`` is None
-    for a backend whose kernels are not there (not built): its limits still explain what it could run."""
+def _bucket_of(spec: object, call: Call) -> tuple[int, ...]:
+    return tuple(int(b) for b in spec.bucket(call))
+
+
+def register(op: str, backend: str, fn: Callable | None, limits: Limits, *, records: bool = True) -> None:
+    """Register ``fn`` (the forward custom op, taking ``Call.args + Call.kernel``) as ``backend``'s implementation
+    of ``op``; ``fn`` is None for a backend whose kernels are not there (not built): its limits still explain
+    what it could run. ``records``: whether ``fn`` records its launches itself (see :func:`record`)."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}; got {backend!r}")
-    _OPS[op].impls[backend] = Impl(fn, limits)
-
-
-def register_variant(op: str, variant: str, backend: str, fn: Callable) -> None:
-    """Register ``fn`` as ``backend``'s implementation of ``op``'s entry point ``variant`` (``reference`` for the
-    reference): called where :func:`dispatch_variant` picks ``backend`` for ``op``."""
-    _OPS[op].variants.setdefault(variant, {})[backend] = fn
+    _OPS[op].impls[backend] = Impl(fn, limits, records)
+    _PICKS.clear()
 
 
 def mark_unavailable(backend: str, why: str) -> None:
     """Record that ``backend`` cannot run at all here (for example its kernels failed to import)."""
     _UNAVAILABLE.setdefault(backend, why)
+    _PICKS.clear()
 
 
 def ops() -> tuple[str, ...]:
@@ -245,14 +273,15 @@ def ops() -> tuple[str, ...]:
     return tuple(_OPS)
 
 
-def variants(op: str) -> tuple[str, ...]:
-    """``op``'s other entry points (:func:`register_variant`), in registration order."""
-    return tuple(_OPS[op].variants)
+def spec(op: str) -> object:
+    """``op``'s :class:`vit_fast.ops.spec.OpSpec`."""
+    return _OPS[op].spec
 
 
 def implemented(op: str) -> tuple[str, ...]:
     """The backends that have an implementation of ``op`` in this process, ``reference`` first."""
-    return tuple(b for b in BACKENDS if b in _OPS[op].impls and _OPS[op].impls[b].fn is not None)
+    impls = _OPS[op].impls
+    return ("reference", *(b for b in BACKENDS[1:] if b in impls and impls[b].fn is not None))
 
 
 def unavailable(backend: str) -> str | None:
@@ -261,8 +290,9 @@ def unavailable(backend: str) -> str | None:
 
 
 def example(op: str, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """ViT-B-sized example arguments of ``op`` on the meta device (what ``explain()`` shows without a model)."""
-    return _OPS[op].example(dtype)
+    """ViT-B-sized example (public) arguments of ``op`` on the meta device (what ``explain()`` shows without a
+    model)."""
+    return _OPS[op].spec.example(dtype)
 
 
 def limits(op: str, backend: str) -> Limits | None:
@@ -271,57 +301,15 @@ def limits(op: str, backend: str) -> Limits | None:
     return None if impl is None else impl.limits
 
 
-# ---- the backend setting --------------------------------------------------------------------------------------
-
-
-def _validate(name: str, source: str = "backend") -> str:
-    if not isinstance(name, str) or name not in CHOICES:
-        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {name!r}")
-    return name
-
-
-_ENV_BACKEND = os.environ.get("VIT_FAST_BACKEND", "").strip() or "auto"
-_current: str = _ENV_BACKEND
-
-
-def get_backend() -> str:
-    """The backend name in force: set by :func:`set_backend`, else ``$VIT_FAST_BACKEND``, else ``auto``."""
-    return _validate(_current, "VIT_FAST_BACKEND" if _current == _ENV_BACKEND else "backend")
-
-
-class set_backend:
-    """Choose the backend for every op: ``auto``, ``reference``, ``triton`` or ``cuda``.
-
-    Works as a plain call (stays in force) and as a context manager (restores the previous one on exit)::
-
-        vit_fast.set_backend("triton")
-        with vit_fast.set_backend("reference"):
-            ...
-    """
-
-    def __init__(self, name: str) -> None:
-        global _current
-        _validate(name)
-        self.previous = _current
-        self.name = name
-        _current = name
-
-    def __enter__(self) -> set_backend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        global _current
-        _current = self.previous
-
-    def __repr__(self) -> str:
-        return f"set_backend({self.name!r})"
-
-
 # ---- reasons and the pick -------------------------------------------------------------------------------------
 
 
-def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
+def _tensors(args: Sequence, kwargs: Mapping) -> list[torch.Tensor]:
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+
+
+def _call_tensors(call: Call) -> list[torch.Tensor]:
+    return [a for a in (*call.args, *call.kernel, *call.extras.values()) if isinstance(a, torch.Tensor)]
 
 
 def _interpreter_bf16_dot_ok() -> bool:
@@ -338,29 +326,32 @@ def _backend_reasons(backend: str, device: torch.device, tensors: Sequence[torch
         return why
     if not _INTERPRET:
         why.append("CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before import)")
-    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    bf16 = amp == torch.bfloat16 or any(t.dtype == torch.bfloat16 for t in tensors)
+    bf16 = any(t.dtype == torch.bfloat16 for t in tensors)
     if bf16 and "triton" not in _UNAVAILABLE and not _interpreter_bf16_dot_ok():
         why.append("bfloat16 on CPU: the Triton interpreter computes bfloat16 tl.dot wrongly (bf16 runs on a GPU)")
     return why
 
 
+def _device_of(tensors: Sequence[torch.Tensor], device: torch.device | None) -> torch.device:
+    return device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+
+
 def reasons(backend: str, op: str, args: Sequence, kwargs: dict, device: torch.device | None = None) -> list[str]:
-    """Every reason why ``backend`` cannot run ``op`` on these inputs; empty when it can.
+    """Every reason why ``backend`` cannot run ``op`` on these (public) arguments; empty when it can.
 
     ``device`` overrides the tensors' device (for :func:`explain`).
     """
-    tensors = _tensors(args, kwargs)
-    dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    return _reasons(backend, op, tensors, dev, lambda: _OPS[op].facts(*args, **kwargs))
+    call = call_of(op, args, kwargs)
+    tensors = _call_tensors(call)
+    return _reasons(backend, op, tensors, _device_of(tensors, device), lambda: _OPS[op].spec.facts(call))
 
 
 def _reasons(backend: str, op: str, tensors: Sequence[torch.Tensor], dev: torch.device,
              facts: Callable[[], Facts]) -> list[str]:
-    """:func:`reasons` with the op's facts read on demand, so that :func:`pick` reads them once per call."""
-    impl = _OPS[op].impls.get(backend)
+    """:func:`reasons` with the op's facts read on demand, so that a pick reads them once per call."""
     if backend == "reference":
         return []
+    impl = _OPS[op].impls.get(backend)
     if impl is None:
         return [f"{op} is not implemented in the {backend} backend"]
     why = [_UNAVAILABLE[backend]] if backend in _UNAVAILABLE else []
@@ -370,37 +361,49 @@ def _reasons(backend: str, op: str, tensors: Sequence[torch.Tensor], dev: torch.
 
 @dataclass(frozen=True)
 class Pick:
-    """What :func:`pick` chose for one call: the backend, its function, and every backend's reasons."""
+    """What the dispatcher chose for one call: the backend and every backend's reasons."""
 
     op: str
     backend: str
-    fn: Callable
     reasons: dict[str, list[str]]
     why: str  # "auto on cuda: policy ...: triton measured 1.31x the reference ...", "set_backend('triton')"
     speedups: dict[str, float] = field(default_factory=dict)  # the policy's measured speedup over the reference
 
 
-def policy_key(op: str, args: Sequence, kwargs: dict, facts: Facts | None = None) -> tuple[str, str, tuple[int, ...]]:
-    """``(dtype, mode, bucket)`` under which a policy records ``op`` on these inputs: the dtype its matmuls run
-    in (autocast's when on), ``fwd+bwd`` when a gradient will be wanted, else ``fwd``, and its shape bucket.
-    ``facts``: the op's facts for these inputs when the caller has them already."""
-    tensors = _tensors(args, kwargs)
-    facts = _OPS[op].facts(*args, **kwargs) if facts is None else facts
+def _mode(tensors: Sequence[torch.Tensor]) -> str:
+    return "fwd+bwd" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "fwd"
+
+
+def _policy_key(spec: object, call: Call, tensors: Sequence[torch.Tensor],
+                facts: Facts) -> tuple[str, str, tuple[int, ...]]:
     dtype = facts.gemm_dtype or tensors[0].dtype
-    mode = "fwd+bwd" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "fwd"
-    return dtype_name(dtype), mode, bucket(op, args, kwargs)
+    return dtype_name(dtype), _mode(tensors), _bucket_of(spec, call)
 
 
-def _auto(op: str, args: Sequence, kwargs: dict, dev: torch.device, why_not: Callable[[str], list[str]],
-          facts: Callable[[], Facts], full: bool) -> tuple[str, str, dict[str, float]]:
+def policy_key(op: str, args: Sequence, kwargs: dict) -> tuple[str, str, tuple[int, ...]]:
+    """``(dtype, mode, bucket)`` under which a policy records ``op`` on these (public) arguments: the dtype its
+    matmuls run in (autocast's when on), ``fwd+bwd`` when a gradient will be wanted, else ``fwd``, and its shape
+    bucket."""
+    info = _OPS[op]
+    call = info.spec.call(*args, **kwargs)
+    return _policy_key(info.spec, call, _call_tensors(call), info.spec.facts(call))
+
+
+def _auto(op: str, call: Call, tensors: Sequence[torch.Tensor], dev: torch.device,
+          why_not: Callable[[str], list[str]], facts: Callable[[], Facts],
+          full: bool) -> tuple[str, str, dict[str, float]]:
     """``(backend, why, speedups)``: on CUDA the first backend of the policy's order that runs; elsewhere the
     reference (explain(), ``full``, also shows a tuned policy's record)."""
+    spec = _OPS[op].spec
+    measured_as = spec.policy_op or op
     if dev.type not in POLICY_DEVICES:
         if not full or policy.found(dev).policy is None:
             return "reference", f"auto on {dev.type}: the reference", {}
-        _, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs, facts()))
+        _, gains, because = policy.choose(dev.type, dev.index, measured_as, *_policy_key(spec, call, tensors, facts()))
         return "reference", f"auto on {dev.type}: the reference ({because})", dict(gains)
-    order, gains, because = policy.choose(dev.type, dev.index, op, *policy_key(op, args, kwargs, facts()))
+    # under torch.compile the policy's compiled verdict: the kernels that beat inductor's code for the op
+    order, gains, because = policy.choose(dev.type, dev.index, measured_as, *_policy_key(spec, call, tensors, facts()),
+                                          compiled=torch.compiler.is_compiling())
     runs = lambda b: b == "reference" or not (why_not(b) or limits(op, b).auto_reasons(facts()))
     chosen = next((b for b in order if runs(b)), "reference")
     if chosen != order[0]:
@@ -408,24 +411,16 @@ def _auto(op: str, args: Sequence, kwargs: dict, dev: torch.device, why_not: Cal
     return chosen, f"auto on {dev.type}: {because}", dict(gains)
 
 
-def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
-         device: torch.device | None = None, full: bool = True) -> Pick:
-    """The one choice of implementation for ``op`` on these inputs under ``setting`` (default: the current
-    backend). Raises :class:`BackendUnavailableError` with every reason when an explicit choice cannot run.
-
-    ``full=False`` asks only the backends the choice needs (the per-call path); ``Pick.reasons`` then holds
-    those alone.
-    """
-    name = get_backend() if setting is None else _validate(setting)
+def _pick(op: str, call: Call, name: str, device: torch.device | None, full: bool) -> Pick:
     info = _OPS[op]
-    tensors = _tensors(args, kwargs)
-    dev = device if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    tensors = _call_tensors(call)
+    dev = _device_of(tensors, device)
     why: dict[str, list[str]] = {}
-    known: list[Facts] = []  # the op's facts, read at most once per call (the per-call path runs this)
+    known: list[Facts] = []  # the op's facts, read at most once per pick
 
     def facts() -> Facts:
         if not known:
-            known.append(info.facts(*args, **kwargs))
+            known.append(info.spec.facts(call))
         return known[0]
 
     def why_not(backend: str) -> list[str]:
@@ -437,80 +432,104 @@ def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
         for b in BACKENDS:
             why_not(b)
     if any(t.numel() == 0 for t in tensors):  # nothing to launch: the reference returns the empty result
-        return Pick(op, "reference", info.impls["reference"].fn, why, "empty input: nothing to compute")
+        return Pick(op, "reference", why, "empty input: nothing to compute")
     if name == "auto":
-        chosen, because, gains = _auto(op, args, kwargs, dev, why_not, facts, full)
-        return Pick(op, chosen, info.impls[chosen].fn, why, because, gains)
+        chosen, because, gains = _auto(op, call, tensors, dev, why_not, facts, full)
+        return Pick(op, chosen, why, because, gains)
     if why_not(name):
         raise BackendUnavailableError(f"backend {name!r} cannot run {op} on these inputs: " + "; ".join(why[name]))
-    return Pick(op, name, info.impls[name].fn, why, f"set_backend({name!r})")
+    return Pick(op, name, why, f"set_backend({name!r})")
 
 
-# ---- launch records: which backend really ran -----------------------------------------------------------------
+def pick(op: str, args: Sequence, kwargs: dict, *, setting: str | None = None,
+         device: torch.device | None = None, full: bool = True) -> Pick:
+    """The one choice of implementation for ``op`` on these (public) arguments under ``setting`` (default: the
+    backend in force). Raises :class:`BackendUnavailableError` with every reason when an explicit choice cannot
+    run.
 
-
-@dataclass(frozen=True)
-class Launch:
-    """One run of an op's implementation: ``phase`` is ``fwd`` or ``bwd``."""
-
-    op: str
-    backend: str
-    phase: str
-
-
-_recorders: list[list[Launch]] = []
-_explainers: list[Callable[[Pick], None]] = []
-
-
-def record(op: str, backend: str, phase: str) -> None:
-    """Called by the implementations when they run (kernel ops from inside the custom op, so compiled
-    graphs record too)."""
-    for rec in _recorders:
-        rec.append(Launch(op, backend, phase))
-
-
-@contextlib.contextmanager
-def trace() -> Iterator[list[Launch]]:
-    """Collect every :class:`Launch` inside the block: proof of which backend ran, forward and backward::
-
-        with backends.trace() as launches:
-            out = model(images)
-        assert {(r.op, r.backend) for r in launches} == {...}
+    ``full=False`` asks only the backends the choice needs (the per-call path); ``Pick.reasons`` then holds
+    those alone.
     """
-    launches: list[Launch] = []
-    _recorders.append(launches)
-    try:
-        yield launches
-    finally:
-        _recorders.remove(launches)
+    name = get_backend() if setting is None else validate(setting)
+    return _pick(op, call_of(op, args, kwargs), name, device, full)
 
 
-def _choose(op: str, args: Sequence, kwargs: dict) -> Pick:
-    try:
-        chosen = pick(op, args, kwargs, full=bool(_explainers))
-    except BackendUnavailableError:
-        if not _explainers:
-            raise
-        # explain(model, images) goes on through the reference to report every layer
-        why = {b: reasons(b, op, args, kwargs) for b in BACKENDS}
-        chosen = Pick(op, RAISES, _OPS[op].impls["reference"].fn, why, "the backend set cannot run these inputs")
-    for observe in _explainers:
-        observe(chosen)
-    if chosen.backend == "reference":
-        record(op, "reference", "fwd")
+# ---- dispatch: the cached pick, then the chosen implementation ------------------------------------------------
+
+# (op, setting, device, dtypes, mode, facts, bucket, policy found) -> the backend picked. Eager calls only: under
+# torch.compile the pick is traced once and becomes guards, so the cache would only add dict traffic to the trace.
+_PICKS: dict[tuple, str] = {}
+_explainers: list[Callable[[Pick], None]] = []
+_MAX_PICKS = 4096  # distinct shapes seen by one process; past it the cache starts over
+
+
+def _policy_in_force(dev: torch.device) -> object:
+    """What a pick on ``dev`` reads from the policy: the file found for it (replaced after a ``policy.reset()``)."""
+    return policy.found(dev) if dev.type in POLICY_DEVICES else None
+
+
+def _choose(op: str, call: Call) -> str:
+    """The backend that runs this call: the cached pick, or a fresh one (which observers see)."""
+    if _explainers:
+        return _observed(op, call)
+    name = get_backend()
+    if torch.compiler.is_compiling():
+        return _pick(op, call, name, None, False).backend
+    tensors = _call_tensors(call)
+    dev = _device_of(tensors, None)
+    info = _OPS[op]
+    facts = info.spec.facts(call)
+    key = (op, name, dev, tuple(t.dtype for t in tensors), _mode(tensors), any(t.numel() == 0 for t in tensors),
+           facts, _bucket_of(info.spec, call), dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type),
+           id(_policy_in_force(dev)) if name == "auto" else None)
+    chosen = _PICKS.get(key)
+    if chosen is None:
+        chosen = _pick(op, call, name, dev, False).backend
+        if len(_PICKS) >= _MAX_PICKS:
+            _PICKS.clear()
+        _PICKS[key] = chosen
     return chosen
 
 
-def dispatch(op: str, *args, **kwargs):
-    """Run ``op`` on its chosen implementation: what every public op calls."""
-    return _choose(op, args, kwargs).fn(*args, **kwargs)
+def _observed(op: str, call: Call) -> str:
+    """The pick with every backend's reasons, for the observers (:func:`observe`); an explicit backend that
+    cannot run is reported as :data:`RAISES` and the reference computes, so every layer can be reported."""
+    try:
+        chosen = _pick(op, call, get_backend(), None, True)
+    except BackendUnavailableError:
+        tensors = _call_tensors(call)
+        dev = _device_of(tensors, None)
+        facts = lambda: _OPS[op].spec.facts(call)
+        why = {b: _reasons(b, op, tensors, dev, facts) for b in BACKENDS}
+        chosen = Pick(op, RAISES, why, "the backend set cannot run these inputs")
+    for observe_pick in _explainers:
+        observe_pick(chosen)
+    return "reference" if chosen.backend == RAISES else chosen.backend
 
 
-def dispatch_variant(op: str, variant: str, pick_args: Sequence, pick_kwargs: dict, *args, **kwargs):
-    """Run ``op``'s entry point ``variant`` on ``args``: the backend is the one :func:`dispatch` would choose for
-    ``op`` on ``pick_args`` and ``pick_kwargs`` (the op's own arguments, the same computation)."""
-    chosen = _choose(op, pick_args, pick_kwargs).backend
-    return _OPS[op].variants[variant]["reference" if chosen == RAISES else chosen](*args, **kwargs)
+def dispatch(op: str, call: Call):
+    """Run ``op``'s chosen implementation on ``call``: what every public op calls, once its arguments are checked.
+    The reference takes ``call.args`` and ``call.extras``; a kernel backend's forward custom op takes
+    ``call.args + call.kernel``, and the op returns the output(s) its spec names."""
+    backend = _choose(op, call)
+    info = _OPS[op]
+    if backend == "reference":
+        record(op, "reference", "fwd")
+        return info.spec.reference(*call.args, **call.extras)
+    impl = info.impls[backend]
+    if not impl.records:
+        record(op, backend, "fwd")
+    try:
+        out = impl.fn(*call.args, *call.kernel)
+    except KernelLaunchError as e:  # every config ran out of a device resource: auto runs the reference
+        if get_backend() != "auto":
+            raise BackendUnavailableError(f"backend {backend!r} cannot launch {op} here: {e}") from e
+        warnings.warn(f"{op}: the {backend} kernels cannot launch on this device ({e}); auto runs the reference",
+                      KernelFallbackWarning, stacklevel=3)
+        record(op, "reference", "fwd")
+        return info.spec.reference(*call.args, **call.extras)
+    result = info.spec.contract.result
+    return out if result is None else out[result]
 
 
 @contextlib.contextmanager

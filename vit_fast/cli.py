@@ -64,11 +64,23 @@ COMMANDS = (
             "Top-1, top-5 and images/s of a `vit-fast train` run's model on its test split; with --quantize also "
             "of the model quantized to fp8 or int8, side by side.",
             (ValueError, FileNotFoundError, RuntimeError)),
+    Command("convert", "vit_fast.train.convert", "add_convert_arguments", "run",
+            "consolidate a training checkpoint (FSDP's sharded or a single file) into one model.safetensors",
+            "Read a `vit-fast train` checkpoint (a torch.distributed.checkpoint directory written by any number of "
+            "processes, a step_NNNNNNNN.pt file, or a run directory's newest) and write the model's weights as one "
+            "safetensors file that vit_fast.load_checkpoint, timm and `vit-fast predict` load.",
+            (ValueError, FileNotFoundError)),
     Command(name="kernels", module="vit_fast.kernel_report", add_arguments="add_kernels_arguments", run="main",
             help="registers, spills, shared memory and occupancy of every kernel variant (no GPU needed)",
             description="Compile every Triton kernel variant the dispatcher can launch at ViT shapes for sm_80 or "
             "sm_90 and read its registers, spills and shared memory from the cubin, and the vit_fast._C kernels' "
             "when the extension is built; theoretical occupancy from the target's per-SM limits."),
+    Command("export", "vit_fast.export", "add_export_arguments", "run",
+            "a model as ONNX, a torch.export program (.pt2) or an AOTInductor package, checked against eager",
+            "Export a run directory, checkpoint, preset or model directory (config.json + model.safetensors) with "
+            "torch.onnx's dynamo exporter (checked under onnxruntime), torch.export or AOTInductor, dynamic or "
+            "fixed batch; the artifact is compared with eager on fresh inputs and written only if it matches.",
+            (ValueError, FileNotFoundError, KeyError, ImportError)),
 )
 
 
@@ -93,12 +105,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _runner(command: Command):
+    """``command``'s run, with its user errors and, for every subcommand alike, a full disk or an I/O error
+    while writing (:mod:`vit_fast.fileio`) each ending in one line on stderr and a status, not a traceback."""
+    from vit_fast.fileio import EXIT_WRITE_FAILED, describe_write_failure
+
     def run(args: argparse.Namespace) -> int:
         try:
             return getattr(importlib.import_module(command.module), command.run)(args)
         except command.errors as e:
             print(f"vit-fast {command.name}: error: {e}", file=sys.stderr)
             return command.status
+        except OSError as e:
+            line = describe_write_failure(e)
+            if line is None:
+                raise
+            print(f"vit-fast {command.name}: error: {line}", file=sys.stderr)
+            return EXIT_WRITE_FAILED
 
     return run
 

@@ -34,7 +34,12 @@ def git_commit() -> str | None:
 
 
 def devices() -> list[dict]:
-    found = [{"device": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}]
+    """The CPU (name, cores, threads, features: AMX, AVX-512 BF16/VNNI, ...) and every visible CUDA device."""
+    from vit_fast.cpu_features import cpu_features
+
+    cpu = cpu_features()
+    found = [{"device": "cpu", "name": cpu.name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+              "features": cpu.present, "native_bf16": cpu.native_bf16, "int8_dot": cpu.int8_dot}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -1,4 +1,5 @@
-"""Building models: ``create_model`` (timm's factory signature over vit_fast's presets and tags) and ``from_timm``.
+"""Building models: ``create_model`` (timm's factory signature over vit_fast's presets and tags), ``from_timm``,
+``from_torchvision`` and ``from_pretrained`` (a model directory, see :mod:`vit_fast.hub`).
 
 The factory is where names, pretrained configs, weights and feature wrappers meet, so that ``model.py`` knows
 none of them (the dependency runs factory -> model, weights, pretrained -> config).
@@ -8,13 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 
 import torch
 
 from vit_fast.config import get_config
+from vit_fast.hub import read_model_dir
 from vit_fast.model import VisionTransformer
-from vit_fast.pretrained import features_cfg, get_pretrained_cfg, split_name
-from vit_fast.weights import config_from_timm, load_checkpoint
+from vit_fast.pretrained import features_cfg, get_pretrained_cfg, split_name, torchvision_pretrained_cfg
+from vit_fast.weights import (
+    check_dtypes,
+    config_from_timm,
+    config_from_torchvision,
+    convert_torchvision_state_dict,
+    load_checkpoint,
+    read_state_dict,
+)
 
 
 def create_model(
@@ -141,3 +151,68 @@ def from_timm(timm_model: torch.nn.Module) -> VisionTransformer:
     if getattr(timm_model, "pretrained_cfg", None):
         model.pretrained_cfg = dict(timm_model.pretrained_cfg)
     return model.to(device=p.device, dtype=p.dtype).train(timm_model.training)
+
+
+def _assigned(config, state: Mapping[str, torch.Tensor], label: str) -> VisionTransformer:
+    """A model of ``config`` holding ``state`` (which must fit it exactly), built on the meta device so that
+    nothing is allocated before the weights are known to fit."""
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{label} does not fit the config: missing keys {missing[:8]}, unexpected keys "
+                         f"{unexpected[:8]}, shapes {wrong[:8]}")
+    check_dtypes(state, own, label)
+    try:
+        model.load_state_dict(dict(state), strict=True, assign=True)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{label}: cannot load its tensors into the model: {type(e).__name__}: {e}") from e
+    return model
+
+
+def from_torchvision(
+    source: torch.nn.Module | Mapping[str, torch.Tensor], *, weights: str | None = None, num_heads: int | None = None
+) -> VisionTransformer:
+    """A vit_fast model with the architecture and weights of a torchvision ``VisionTransformer`` (``vit_b_16`` to
+    ``vit_h_14``, any image size, the SWAG ones included), given as the module or its state dict.
+
+    Outputs equal torchvision's (same math; fp32 relative error within 1e-5, tested). ``model.pretrained_cfg`` is
+    the preprocessing of torchvision's ``weights`` (``'IMAGENET1K_V1'``, ``'IMAGENET1K_SWAG_E2E_V1'``,
+    ``'IMAGENET1K_SWAG_LINEAR_V1'``, or ``'ViT_B_16_Weights.IMAGENET1K_V1'``): the tensors do not say which ones
+    they are, and V1 and SWAG preprocess differently. ``weights=None`` takes IMAGENET1K_V1 where the architecture
+    has V1 weights for the model's image size, else the weights made for that size (SWAG_E2E at 384/512/518);
+    the config's tag records the choice (``'tv_imagenet1k_v1'``). ``num_heads``: for a state dict of a width
+    none of torchvision's architectures has. A module keeps its device, dtype and train/eval mode.
+    """
+    config = config_from_torchvision(source, num_heads=num_heads)
+    module = isinstance(source, torch.nn.Module)
+    state = source.state_dict() if module else source
+    sd = {k: v.detach().clone() for k, v in convert_torchvision_state_dict(state).items()}
+    model = _assigned(config, sd, "torchvision model" if module else "torchvision state dict")
+    model.pretrained_cfg = torchvision_pretrained_cfg(config, weights)
+    if module:
+        p = next(source.parameters())
+        model = model.to(device=p.device, dtype=p.dtype).train(source.training)
+    return model
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> VisionTransformer:
+    """The model in the directory ``path``: config.json + model.safetensors in timm's hub format, written by
+    :meth:`VisionTransformer.save_pretrained` or by timm (``save_for_hf``; a timm ViT vit_fast can build).
+
+    The weights are read safely (safetensors, or ``torch.load(weights_only=True)`` for a ``pytorch_model.bin``)
+    and must fit the config exactly. ``dtype`` None keeps the dtype they were saved in. The model is returned in
+    eval mode, as Hugging Face's ``from_pretrained`` returns it. Bad files raise ``ValueError``
+    (``FileNotFoundError`` for missing ones) naming the file.
+    """
+    config, cfg, weights = read_model_dir(path)
+    label = f"{weights} (with {os.path.join(os.fspath(path), 'config.json')})"
+    model = _assigned(config, read_state_dict(weights), label)
+    model.pretrained_cfg = cfg
+    return model.to(device=device, dtype=dtype).eval()
+

@@ -19,31 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vit_fast import ops
 from vit_fast.config import ViTConfig, _pair
+from vit_fast.ops import attention_packed, layer_norm, layernorm_mlp, patch_embed
 from vit_fast.pos_embed import cached_resample_pos_embed, clear_pos_embed_cache, grid_for, resample_pos_embed
 from vit_fast.pretrained import config_pretrained_cfg
 
-# torch.fx traces Python with Proxy tensors, but the ops validate and dispatch on real shapes, dtypes and devices.
-# These module-level wrappers are leaves to FX (torch.fx.wrap patches this module's globals while tracing), so a
-# traced graph calls each op whole, and the call still goes through ``ops.<name>`` at run time.
-
-
-def _leaf(name: str):
-    def call(*args, **kwargs) -> torch.Tensor:
-        return getattr(ops, name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = f"_{name}"
-    return call
-
-
-_patch_embed, _layer_norm, _attention_packed, _layernorm_mlp = (
-    _leaf(n) for n in ("patch_embed", "layer_norm", "attention_packed", "layernorm_mlp")
-)
-torch.fx.wrap("_patch_embed")
-torch.fx.wrap("_layer_norm")
-torch.fx.wrap("_attention_packed")
-torch.fx.wrap("_layernorm_mlp")
+# torch.fx traces Python with Proxy tensors, but the ops validate and dispatch on real shapes, dtypes and devices:
+# to FX each op is a leaf (torch.fx.wrap patches this module's global of that name while tracing), so a traced
+# graph calls each op whole. (The repetition is torch.fx.wrap's: it takes one global name per call.)
+torch.fx.wrap("patch_embed")
+torch.fx.wrap("layer_norm")
+torch.fx.wrap("attention_packed")
+torch.fx.wrap("layernorm_mlp")
 
 
 @torch.fx.wrap
@@ -83,7 +70,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters) computed by :func:`vit_fast.ops.layer_norm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _layer_norm(x, self.weight, self.bias, eps=self.eps)
+        return layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
 class DropPath(nn.Module):
@@ -136,7 +123,25 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         x = _checked_images(x, self.img_size, self.patch_size, self.dynamic_img_size, self.dynamic_img_pad)
         # (B, C, H, W) -> (B, [1+]N, E)
-        return _patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed)
+        return patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed)
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T * scale) v of the packed projection, heads merged: (B, N, 3, H, D) -> (B, N, H * D). Holds no
+    parameters; its own module so that quantization can swap it (for one that emits proj's e4m3 input)."""
+
+    def __init__(self, scale: float, dropout_p: float = 0.0) -> None:
+        super().__init__()
+        self.scale, self.dropout_p = scale, dropout_p
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, N, _, H, D = qkv.shape
+        # the packed entry point: its gradient is the qkv Linear's output gradient, written whole by the backward
+        o = attention_packed(qkv, scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0)
+        return o.transpose(1, 2).reshape(B, N, H * D)  # a view when o's memory is (B, N, H, D)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, dropout_p={self.dropout_p}"
 
 
 class Attention(nn.Module):
@@ -145,27 +150,32 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim**-0.5
-        self.attn_drop = cfg.attn_drop_rate
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.core = AttentionCore(self.scale, cfg.attn_drop_rate)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.proj_drop = nn.Dropout(cfg.proj_drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, E = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
-        # the packed entry point: its gradient is the qkv Linear's output gradient, written whole by the backward
-        o = _attention_packed(qkv, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
-        o = o.transpose(1, 2).reshape(B, N, E)  # (B, N, H*D); a view when o's memory is (B, N, H, D)
+        qkv = self.qkv(x)  # (B, N, 3 * E); x may be a quantized model's e4m3 rows
+        B, N, _ = qkv.shape
+        o = self.core(qkv.view(B, N, 3, self.num_heads, self.head_dim))  # (B, N, E)
         return self.proj_drop(self.proj(o))
 
 
 class Mlp(nn.Module):
-    """Holds ``fc1`` and ``fc2``; the block computes norm2 -> fc1 -> GELU -> fc2 as one fused op."""
+    """Holds ``fc1`` and ``fc2``; called with the block's norm, it computes norm -> fc1 -> GELU -> fc2 (+ the
+    residual) as one fused op."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_hidden_dim)
         self.fc2 = nn.Linear(cfg.mlp_hidden_dim, cfg.embed_dim)
+        self.dropout_p = cfg.proj_drop_rate
+
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return layernorm_mlp(x, norm.weight, norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                             self.fc2.bias, eps=norm.eps, residual=residual,
+                             dropout_p=self.dropout_p if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -179,18 +189,12 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.proj_drop = cfg.proj_drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, N, E)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        n, fc1, fc2 = self.norm2, self.mlp.fc1, self.mlp.fc2
-        p = self.proj_drop if self.training else 0.0
-        if isinstance(self.drop_path2, DropPath) and self.training:
-            mlp = _layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
-                                 dropout_p=p)
-            return x + self.drop_path2(mlp)
-        return _layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n.eps,
-                              residual=x, dropout_p=p)
+        if isinstance(self.drop_path2, DropPath) and self.training:  # the residual after the dropped branch
+            return x + self.drop_path2(self.mlp(x, self.norm2))
+        return self.mlp(x, self.norm2, residual=x)
 
 
 def _take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
@@ -256,6 +260,12 @@ class VisionTransformer(nn.Module):
     def default_cfg(self) -> dict:
         """timm's older name of ``pretrained_cfg``."""
         return self.pretrained_cfg
+
+    def save_pretrained(self, save_directory: str) -> str:
+        """Write config.json + model.safetensors in timm's hub format (see :mod:`vit_fast.hub`)."""
+        from vit_fast.hub import save_pretrained
+
+        return str(save_pretrained(self, save_directory))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -480,5 +490,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "LayerNorm", "layer_ids",
+__all__ = ["VisionTransformer", "Block", "Attention", "AttentionCore", "Mlp", "PatchEmbed", "LayerNorm", "layer_ids",
            "resample_pos_embed"]

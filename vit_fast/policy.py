@@ -4,7 +4,10 @@ A policy is a small JSON file per device kind (GPU name + compute capability) wr
 each op, dtype (the one its matmuls run in), mode (``fwd``: no gradient wanted; ``fwd+bwd``) and shape bucket it
 records every backend's verified, measured time and the order ``auto`` tries them in: the kernel backends that
 beat the reference beyond the noise, fastest first, then the reference. A backend that was not verified and
-timed never appears in that order, so unmeasured means the reference.
+timed never appears in that order, so unmeasured means the reference. Each entry also holds the verdict under
+``torch.compile`` (``compiled_order``): the kernel backends that beat what inductor makes of the op, measured at
+the same shape; :func:`choose` with ``compiled=True`` follows it (an entry from before it was recorded gives its
+eager order, and says so).
 
 Where the policy for a device comes from, first found wins:
 
@@ -141,15 +144,20 @@ def format_problems(doc: object) -> list[str]:
     for key, kind in (("device", dict), ("versions", dict), ("entries", list)):
         if not isinstance(doc.get(key), kind):
             found.append(f"{key!r} missing or not a {kind.__name__}")
+        elif kind is dict and not all(isinstance(v, (str, type(None))) for v in doc[key].values()):
+            found.append(f"{key!r} holds a value that is not a string")
     for i, e in enumerate(doc.get("entries") or []):
         ok = (isinstance(e, dict) and isinstance(e.get("op"), str) and isinstance(e.get("dtype"), str)
               and e.get("mode") in MODES and isinstance(e.get("bucket"), list)
               and all(isinstance(b, int) for b in e["bucket"]) and len(e["bucket"]) > 0
               and isinstance(e.get("order"), list) and all(isinstance(b, str) for b in e["order"])
-              and "reference" in e["order"] and isinstance(e.get("measured"), dict))
+              and "reference" in e["order"] and isinstance(e.get("measured"), dict)
+              and ("compiled_order" not in e or (isinstance(e["compiled_order"], list)
+                                                 and all(isinstance(b, str) for b in e["compiled_order"])
+                                                 and "reference" in e["compiled_order"])))
         if not ok:
             found.append(f"entry {i} is malformed (needs op, dtype, mode, bucket, an order holding the "
-                         "reference, measured)")
+                         "reference, measured; a compiled_order, when there, holds the reference too)")
             break
     return found
 
@@ -233,7 +241,7 @@ def find(kind: dict[str, str]) -> Found:
             continue
         try:
             doc = read(path)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             problems = [f"unreadable ({type(e).__name__}: {e})"]
         else:
             problems = format_problems(doc) or stale_problems(doc, kind)
@@ -299,34 +307,46 @@ def describe(device: torch.device | str) -> str:
 # ---- the choice --------------------------------------------------------------------------------------------------
 
 
-def speedups(entry: dict) -> tuple[tuple[str, float], ...]:
-    """Every measured backend's speedup over the reference, as the entry records it."""
-    return tuple((b, float(m["speedup"])) for b, m in entry["measured"].items()
-                 if isinstance(m, dict) and isinstance(m.get("speedup"), (int, float)))
+def speedups(entry: dict, key: str = "speedup") -> tuple[tuple[str, float], ...]:
+    """Every measured backend's speedup over the reference (``key="compiled_speedup"``: over inductor's code for
+    the op), as the entry records it."""
+    return tuple((b, float(m[key])) for b, m in entry["measured"].items()
+                 if isinstance(m, dict) and isinstance(m.get(key), (int, float)))
 
 
 @torch.compiler.assume_constant_result
-def choose(device_type: str, index: int | None, op: str, dtype: str, mode: str, bucket: tuple[int, ...]) -> Decision:
+def choose(device_type: str, index: int | None, op: str, dtype: str, mode: str, bucket: tuple[int, ...],
+           compiled: bool = False) -> Decision:
     """``(order, speedups, because)`` for one call on device ``device_type:index``: the backends to try in order
     (ending with the reference), each measured backend's speedup over the reference, and a line saying why. The
-    caller takes the first backend in ``order`` that can run the inputs. (Plain arguments, not a torch.device:
-    Dynamo passes them to this opaque function as constants.)"""
-    key = (device_type, index, op, dtype, mode, bucket)
+    caller takes the first backend in ``order`` that can run the inputs. ``compiled``: the call is traced by
+    ``torch.compile`` (the dispatcher passes ``torch.compiler.is_compiling()``), so the order is the compiled
+    verdict: the kernels that beat inductor's code for the op. (Plain arguments, not a torch.device: Dynamo passes
+    them to this opaque function as constants.)"""
+    key = (device_type, index, op, dtype, mode, bucket, compiled)
     if key not in _DECISIONS:
         device = device_type if index is None else f"{device_type}:{index}"
-        _DECISIONS[key] = _decide(found(device), op, dtype, mode, bucket)
+        _DECISIONS[key] = _decide(found(device), op, dtype, mode, bucket, compiled)
     return _DECISIONS[key]
 
 
-def _decide(where: Found, op: str, dtype: str, mode: str, bucket: tuple[int, ...]) -> Decision:
+def _decide(where: Found, op: str, dtype: str, mode: str, bucket: tuple[int, ...], compiled: bool = False
+            ) -> Decision:
     if where.policy is None:
         return ("reference",), (), where.note
     entry, how = where.policy.lookup(op, dtype, mode, bucket)
     what = f"{op} {dtype} {mode}, bucket {bucket}"
     if entry is None:
         return ("reference",), (), f"policy {where.policy.name} has no measurement for {what}: the reference"
+    versus = "the reference"
+    if compiled and "compiled_order" in entry:
+        what += " under torch.compile"
+        versus = "inductor's code"
+        entry = {**entry, "order": entry["compiled_order"], "why": entry.get("compiled_why", entry.get("why"))}
+    elif compiled:
+        how += " (this policy holds no torch.compile verdict: the eager one)"
     order = tuple(entry["order"][: entry["order"].index("reference") + 1])
-    gains = speedups(entry)
+    gains = speedups(entry, "compiled_speedup" if versus != "the reference" else "speedup")
     first = order[0]
     if first == "reference":
         others = ", ".join(f"{b} {s:.2f}x" for b, s in gains if b != "reference")
@@ -337,7 +357,7 @@ def _decide(where: Found, op: str, dtype: str, mode: str, bucket: tuple[int, ...
             because += f": {why_not}"
         return order, gains, because
     gain = dict(gains).get(first, float("nan"))
-    return order, gains, f"policy {where.policy.name}: {first} measured {gain:.2f}x the reference for {what}{how}"
+    return order, gains, f"policy {where.policy.name}: {first} measured {gain:.2f}x {versus} for {what}{how}"
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

@@ -27,19 +27,23 @@ import torch
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Label names of the datasets `vit-fast train` knows without files; other runs name classes by index.
-_KNOWN_LABELS: dict[str, list[str]] = {
-    "digits": [str(i) for i in range(10)],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    # the fine labels in the order of the data set's meta file (alphabetical), which training's labels follow
-    "cifar100": """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
-        camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
-        dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
-        lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
-        pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
-        shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
-        television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split(),
-}
+# The exit status when some inputs were skipped (unreadable files, names that matched nothing) and the rest
+# predicted: sysexits.h's EX_DATAERR, apart from 1 (nothing predicted, or a mistake in the arguments) and from
+# vit_fast.fileio.EXIT_WRITE_FAILED (74: an output could not be written). --skip-bad makes it 0.
+EXIT_SKIPPED = 65
+# 16-bit (and 32-bit integer) samples, which PIL's conversion to 8 bits would clip rather than scale
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class UnreadableImageError(ValueError):
+    """``path`` is no image this reader can decode; ``reason`` says why (the decoder's own error)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.reason)
 
 
 # --------------------------------------------------------------------------------------- preprocessing
@@ -69,31 +73,58 @@ class Preprocess:
                 raise ValueError(f"{name} needs {self.in_chans} values for this model; got {getattr(self, name)}")
 
     def load(self, path: str) -> tuple[torch.Tensor, str | None]:
-        """``(image (C, H, W) in [0, 1] after resize and crop, note)``; raises on a file that is no image."""
-        from PIL import Image, ImageMode
+        """``(image (C, H, W) in [0, 1] after resize and crop, note)``: the EXIF orientation applied, 16-bit
+        samples scaled to 8 bits, an animation's first frame. Any file that does not decode (truncated, not an
+        image, over PIL's decompression-bomb limit) raises :class:`UnreadableImageError`, and only that."""
         from torchvision.transforms.v2 import functional as TF
 
-        with Image.open(path) as im:
-            im.load()
-            gray = ImageMode.getmode(im.mode).basemode == "L"  # L, LA, I, 1; a palette image is color
-            image = im.convert("L" if self.in_chans == 1 else "RGB")
-        note = None
-        if gray != (self.in_chans == 1):
-            note = f"converted {'grayscale' if gray else 'color'} to {'grayscale' if self.in_chans == 1 else 'RGB'}"
-        x = TF.pil_to_tensor(image)  # (C, H, W) uint8
-        h, w = self.img_size
-        if h == w:  # timm's rule: the shorter side to img_size / crop_pct, aspect kept
-            size: list[int] = [math.floor(h / self.crop_pct)]
-        else:
-            size = [math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)]
-        x = TF.resize(x, size, interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
-        x = TF.center_crop(x, [h, w])
-        return TF.to_dtype(x, torch.float32, scale=True), note
+        try:
+            image, notes = _decode(path, self.in_chans)
+            x = TF.pil_to_tensor(image)  # (C, H, W) uint8
+            h, w = self.img_size
+            if h == w:  # timm's rule: the shorter side to img_size / crop_pct, aspect kept
+                size: list[int] = [math.floor(h / self.crop_pct)]
+            else:
+                size = [math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)]
+            x = TF.resize(x, size, interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
+            x = TF.center_crop(x, [h, w])
+        except Exception as e:  # noqa: BLE001 - PIL's decoders raise any type on a broken file (OSError,
+            # SyntaxError, struct.error, ValueError, ...): each means this file is no readable image
+            raise UnreadableImageError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+        return TF.to_dtype(x, torch.float32, scale=True), "; ".join(notes) or None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return (x - mean) / std
+
+
+def _decode(path: str, in_chans: int) -> tuple[object, list[str]]:
+    """The PIL image of ``path`` in the model's mode ("L" or "RGB"), upright, and notes on what was converted."""
+    from PIL import Image, ImageMode, ImageOps
+
+    notes: list[str] = []
+    with Image.open(path) as im:
+        frames = getattr(im, "n_frames", 1)
+        im.load()
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception as e:  # noqa: BLE001 - a garbled EXIF block: the pixels are still worth predicting
+            upright = im.copy()
+            notes.append(f"EXIF orientation not applied (unreadable EXIF: {type(e).__name__})")
+    if frames > 1:
+        notes.append(f"first of {frames} frames")
+    gray = ImageMode.getmode(upright.mode).basemode == "L"  # L, LA, I, I;16, 1; a palette image is color
+    if upright.mode in _WIDE_INT_MODES:
+        import numpy as np
+
+        samples = np.asarray(upright, dtype=np.float64)
+        upright = Image.fromarray(np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8))
+        notes.append("16-bit samples scaled to 8 bits")
+    image = upright.convert("L" if in_chans == 1 else "RGB")
+    if gray != (in_chans == 1):
+        notes.insert(0, f"converted {'grayscale' if gray else 'color'} to {'grayscale' if in_chans == 1 else 'RGB'}")
+    return image, notes
 
 
 def _size_pair(v: object) -> tuple[int, int]:
@@ -162,20 +193,19 @@ def _dataset_stats(dataset: object) -> dict | None:
 # ------------------------------------------------------------------------------------------ the model
 
 def load_model(spec: str, *, model_name: str | None = None) -> tuple[torch.nn.Module, dict | None, str]:
-    """``(model, run summary or None, description)`` for a run directory, a checkpoint file or a preset name."""
+    """``(model, run summary or None, description)`` for a run directory (read by :mod:`vit_fast.rundir`), a
+    checkpoint file or a preset name."""
     import vit_fast
+    from vit_fast import rundir
 
     path = Path(spec)
     if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path} holds no model.safetensors: not a finished `vit-fast train` run")
-        summary_path = path / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        config = (summary or {}).get("config") or _metadata_config(weights)
-        return _model_from(weights, config, model_name), summary, f"run {path}"
+        run = rundir.read_run(path)
+        if model_name is not None and run.config()[0] is None:  # the run records no config: --model names it
+            return _model_from(run.weights_path, None, model_name), run.summary, run.description
+        return run.load_model(), run.summary, run.description
     if path.is_file():
-        return _model_from(path, _metadata_config(path), model_name), None, f"checkpoint {path}"
+        return _model_from(path, rundir.weights_config(path), model_name), None, f"checkpoint {path}"
     if spec in vit_fast.list_models():
         warnings.warn(f"preset {spec} has freshly initialized weights: pass a run directory or a checkpoint "
                       "for meaningful predictions", stacklevel=2)
@@ -184,97 +214,78 @@ def load_model(spec: str, *, model_name: str | None = None) -> tuple[torch.nn.Mo
                             "(see vit_fast.list_models())")
 
 
-def _metadata_config(path: Path) -> dict | None:
-    """The config ``vit-fast train`` stores in a .safetensors' metadata, or in a training checkpoint."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("config")
-        return json.loads(text) if text else None
-    if path.suffix in (".pt", ".pth"):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not a training checkpoint: load_checkpoint reports unreadable files
-            return None
-        return ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else None
-    return None
-
-
 def _model_from(weights: Path, config: dict | None, model_name: str | None) -> torch.nn.Module:
     import vit_fast
+    from vit_fast import rundir
     from vit_fast.weights import read_state_dict
 
-    if config is not None and config.get("family") == "timm":  # a CNN baseline trained by vit-fast train
-        from vit_fast.train.models import model_from_config
-
-        model = model_from_config(config)
-        model.load_state_dict(read_state_dict(weights))
-        return model
     if config is not None:
-        try:
-            model = vit_fast.VisionTransformer(vit_fast.ViTConfig(**config))
-        except TypeError as e:
-            raise ValueError(f"{weights}: its config is not a vit_fast ViT's ({e})") from e
-    elif model_name is not None:
-        # the head and the input channels follow the checkpoint, not the preset's ImageNet defaults
-        sd = read_state_dict(weights)
-        shape = {k: tuple(v.shape) for k, v in sd.items() if k in ("head.weight", "patch_embed.proj.weight")}
-        overrides = {}
-        if "head.weight" in shape:
-            overrides["num_classes"] = shape["head.weight"][0]
-        if "patch_embed.proj.weight" in shape:
-            overrides["in_chans"] = shape["patch_embed.proj.weight"][1]
-        model = vit_fast.create_model(model_name, **overrides)
-    else:
+        return rundir.load_weights(rundir.build_network(config, weights), weights)
+    if model_name is None:
         raise ValueError(f"{weights} records no model config: name its preset with --model NAME")
+    # the head and the input channels follow the checkpoint, not the preset's ImageNet defaults
+    sd = read_state_dict(weights)
+    shape = {k: tuple(v.shape) for k, v in sd.items() if k in ("head.weight", "patch_embed.proj.weight")}
+    overrides = {}
+    if "head.weight" in shape:
+        overrides["num_classes"] = shape["head.weight"][0]
+    if "patch_embed.proj.weight" in shape:
+        overrides["in_chans"] = shape["patch_embed.proj.weight"][1]
+    model = vit_fast.create_model(model_name, **overrides)
     vit_fast.load_checkpoint(model, weights)
     return model
 
 
 def read_labels(source: str | None, summary: dict | None, num_classes: int) -> list[str]:
-    """Class names: from ``source`` (a text file, one name a line; a JSON list; or an ImageFolder directory,
-    whose class folders are taken in ImageFolder's order), else the run's, else the class indices."""
-    names: list[str] | None = None
-    if source is not None:
-        path = Path(source)
-        if path.is_dir():
-            root = path / "train" if (path / "train").is_dir() else path
-            names = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-            names = [str(v) for v in (data if isinstance(data, list) else [data[str(i)] for i in range(len(data))])]
-        else:
-            names = [line.strip() for line in path.read_text().splitlines()]
-            while names and not names[-1]:
-                names.pop()
-        if len(names) != num_classes:
-            raise ValueError(f"--labels {source} names {len(names)} classes; the model has {num_classes}")
-        return names
-    if summary:
-        names = summary.get("classes") or summary.get("class_names") or _KNOWN_LABELS.get(summary.get("dataset"))
-        if names is not None and len(names) == num_classes:
-            return [str(n) for n in names]
-    return [str(i) for i in range(num_classes)]
+    """Class names: from ``source`` (a text file, one name a line; a JSON list, or an object from "0", "1", ...
+    to names; or an ImageFolder directory, whose class folders are taken in ImageFolder's order), else the
+    run's (:func:`vit_fast.rundir.class_names`), else the class indices."""
+    from vit_fast.fileio import read_json
+    from vit_fast.rundir import class_names
+
+    if source is None:
+        return class_names(summary, num_classes) or [str(i) for i in range(num_classes)]
+    path = Path(source)
+    if path.is_dir():
+        root = path / "train" if (path / "train").is_dir() else path
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    elif path.suffix == ".json":
+        data = read_json(path, what="labels file", expect=(list, dict))
+        names = [str(v) for v in data] if isinstance(data, list) else [str(data.get(str(i))) for i in range(len(data))
+                                                                      if str(i) in data]
+    else:
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--labels {source}: not UTF-8 text (byte {e.start})") from e
+        while names and not names[-1]:
+            names.pop()
+    if len(names) != num_classes:
+        raise ValueError(f"--labels {source} names {len(names)} classes; the model has {num_classes}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- inputs
 
 def find_images(specs: Sequence[str]) -> tuple[list[str], list[str]]:
     """``(files, problems)``: each spec is a file (taken whatever its extension, so a broken one is reported),
-    a folder (its image files, recursively) or a glob pattern; sorted within each spec, duplicates dropped."""
+    a folder (its image files, recursively) or a glob pattern; sorted within each spec, duplicates dropped.
+    Only regular files are taken: a pipe or a device named like an image would block the reader."""
     files: list[str] = []
     problems: list[str] = []
     for spec in specs:
         if os.path.isfile(spec):
             found = [spec]
         elif os.path.isdir(spec):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(p for p in (os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
+                                       if f.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isfile(p))
+        elif os.path.exists(spec):
+            found = []
         else:
             found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not found:
-            problems.append(f"{spec}: no such file, or no image files there")
+            problems.append(f"{spec}: not a regular file" if os.path.exists(spec) and not os.path.isdir(spec)
+                            else f"{spec}: no such file, or no image files there")
         files.extend(found)
     return list(dict.fromkeys(files)), problems
 
@@ -291,8 +302,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             image, note = self.preprocess.load(self.files[i])
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image": reported, batch goes on
-            return {"index": i, "image": None, "note": None, "error": f"not a readable image ({type(e).__name__}: {e})"}
+        except UnreadableImageError as e:  # reported with the file; the batch goes on
+            return {"index": i, "image": None, "note": None, "error": e.reason}
         return {"index": i, "image": image, "note": note, "error": None}
 
 
@@ -303,7 +314,8 @@ def _collate(items: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- running
 
 def run(args: argparse.Namespace) -> int:
-    """``vit-fast predict``; returns the exit status (1 when nothing could be predicted)."""
+    """``vit-fast predict``; returns the exit status: 0, or 1 when nothing could be predicted (or for a mistake in
+    the arguments), or :data:`EXIT_SKIPPED` when some input was skipped and ``--skip-bad`` was not given."""
     import vit_fast
 
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
@@ -360,14 +372,23 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(items))
 
     print(format_table(records, k))
-    failed = sum("error" in r for r in records)
-    converted = sum("note" in r for r in records)
-    if failed or converted:
-        print(f"{len(records) - failed} of {len(records)} images predicted; {failed} skipped (not readable), "
-              f"{converted} converted to the model's channels", file=sys.stderr)
     if args.out:
         write_records(records, args.out, out_format, k)
-    return 0 if failed < len(records) else 1
+    return _status(records, problems, args.skip_bad)
+
+
+def _status(records: Sequence[dict], problems: Sequence[str], skip_bad: bool) -> int:
+    """Says on stderr what was skipped or converted; the exit status: 1 when no image could be predicted,
+    :data:`EXIT_SKIPPED` when some input was skipped (unless ``skip_bad``), else 0."""
+    failed = sum("error" in r for r in records)
+    converted = sum("note" in r for r in records)
+    status = 1 if failed == len(records) else EXIT_SKIPPED if (failed or problems) and not skip_bad else 0
+    if failed or converted or problems:
+        unmatched = f", {len(problems)} input(s) matched no image file" if problems else ""
+        why = f" (exit status {EXIT_SKIPPED}; --skip-bad makes it 0)" if status == EXIT_SKIPPED else ""
+        print(f"{len(records) - failed} of {len(records)} images predicted; {failed} skipped (not readable){unmatched}"
+              f"{why}; {converted} converted (see each file's note)", file=sys.stderr)
+    return status
 
 
 def _classify(model: torch.nn.Module, x: torch.Tensor, k: int, with_maps: bool,
@@ -469,6 +490,7 @@ def write_overlay(path: Path, image: torch.Tensor, heat: torch.Tensor, top: dict
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vit_fast.attn_maps import HEAD_FUSIONS
     from vit_fast.backends import CHOICES
+    from vit_fast.fileio import EXIT_WRITE_FAILED
 
     parser.add_argument("model_spec", metavar="MODEL",
                         help="a `vit-fast train` run directory, a checkpoint file (.safetensors/.pt/.pth; give "
@@ -502,5 +524,11 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     maps.add_argument("--head-fusion", default="mean", choices=HEAD_FUSIONS, help="how heads combine (default: mean)")
     maps.add_argument("--discard-ratio", type=float, default=0.0,
                       help="rollout: fraction of the lowest attention weights dropped per layer (default: 0)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="exit with status 0 when some inputs are skipped (unreadable files, names that match "
+                        f"no file); they are still reported (default: exit status {EXIT_SKIPPED})")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.epilog = (f"exit status: 0 when every image was predicted; {EXIT_SKIPPED} when some input was skipped "
+                     f"(0 with --skip-bad); 1 when none could be predicted or for a mistake in the arguments; "
+                     f"{EXIT_WRITE_FAILED} when an output could not be written (a full disk)")
     return parser

@@ -18,18 +18,18 @@ from importlib.resources import files
 from vit_fast.config import PRESETS, ViTConfig, _pair
 
 
-def _load_tags() -> tuple[dict[str, tuple], dict[str, list[tuple]]]:
+def _load_tags() -> tuple[dict[str, tuple], dict[str, list[tuple]], dict]:
     data = json.loads(files("vit_fast").joinpath("pretrained_tags.json").read_text())
     norms = {name: (tuple(n["mean"]), tuple(n["std"])) for name, n in data["normalization"].items()}
     tags = {arch: [(tag, norms[norm], classes, crop, license) for tag, norm, classes, crop, license in rows]
             for arch, rows in data["tags"].items()}
-    return norms, tags
+    return norms, tags, data["torchvision"]
 
 
 # architecture -> its tags in timm's order (the first is the default): (tag, (mean, std), num_classes, crop_pct,
 # license). All of them: bicubic interpolation, center crop, fixed input size, weights at hf://timm/<arch>.<tag>.
 # The table is data (pretrained_tags.json, package data).
-_NORMS, _TAGS = _load_tags()
+_NORMS, _TAGS, _TORCHVISION = _load_tags()
 _IMAGENET = _NORMS["imagenet"]
 _NO_WEIGHTS = {"untrained"}
 
@@ -106,3 +106,83 @@ def config_pretrained_cfg(config: ViTConfig) -> dict:
 def features_cfg(cfg: dict) -> dict:
     """The config of a feature backbone: without the classifier entries (as timm's feature wrappers)."""
     return {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+
+
+# ----------------------------------------------------------------------------------------------- torchvision
+
+TORCHVISION_ARCHS: dict[str, dict[str, int]] = _TORCHVISION["architectures"]
+# architecture -> [(weights name, crop size, resize size, interpolation)], torchvision's order
+_TV_WEIGHTS: dict[str, list[tuple[str, int, int, str]]] = {
+    arch: [tuple(row) for row in rows] for arch, rows in _TORCHVISION["weights"].items()}
+_TV_DEFAULT = "IMAGENET1K_V1"
+
+
+def torchvision_arch(config: ViTConfig) -> str | None:
+    """The torchvision builder (``'vit_b_16'`` ...) whose architecture ``config`` has, any image size; else None."""
+    patch = _pair(config.patch_size)
+    for arch, a in TORCHVISION_ARCHS.items():
+        if (patch == (a["patch_size"],) * 2 and config.embed_dim == a["embed_dim"] and config.depth == a["depth"]
+                and config.num_heads == a["num_heads"] and config.mlp_hidden_dim == a["mlp_dim"]):
+            return arch
+    return None
+
+
+def torchvision_weights(arch: str) -> list[str]:
+    """The names of torchvision's weights for ``arch`` (``'vit_b_16'``), in torchvision's order."""
+    if arch not in _TV_WEIGHTS:
+        raise ValueError(f"unknown torchvision ViT {arch!r}; known: {', '.join(_TV_WEIGHTS)}")
+    return [w[0] for w in _TV_WEIGHTS[arch]]
+
+
+def default_torchvision_weights(arch: str, img_size: int) -> str:
+    """Which weights a bare torchvision state dict of ``arch`` at ``img_size`` is taken to hold: IMAGENET1K_V1
+    where the architecture has V1 weights made for that size (ViT-B/16 and L/16 at 224 could also be
+    SWAG_LINEAR: say ``weights=`` then); else the weights made for that size (the SWAG_E2E ones at 384, 512 and
+    518, SWAG_LINEAR for ViT-H/14 at 224, which has no V1); else V1, or the architecture's first weights."""
+    rows = _TV_WEIGHTS[arch]
+    fits = [w for w, crop, _, _ in rows if crop == img_size]
+    names = [w for w, *_ in rows]
+    for candidates in (fits, names):
+        if candidates:
+            return _TV_DEFAULT if _TV_DEFAULT in candidates else candidates[0]
+    raise AssertionError(f"{arch} has no weights")  # the table lists some for every architecture
+
+
+def torchvision_pretrained_cfg(config: ViTConfig, weights: str | None = None) -> dict:
+    """The pretrained config (timm's keys) of a model holding torchvision's ``weights`` for ``config``: their
+    preprocessing (resize of the shorter side to ``crop / crop_pct``, center crop, interpolation, ImageNet
+    mean/std) as ``timm.data.resolve_data_config`` reads it, at the model's own input size.
+
+    ``weights``: ``'IMAGENET1K_V1'`` or ``'ViT_B_16_Weights.IMAGENET1K_V1'``; None takes
+    :func:`default_torchvision_weights`. The choice is the config's tag (``'tv_imagenet1k_v1'``; no other key,
+    so timm still reads the config). An architecture torchvision publishes no weights for gets the preprocessing
+    of its V1 recipe (bilinear, crop 0.875) and no tag.
+    """
+    arch = torchvision_arch(config)
+    img = _pair(config.img_size)
+    if arch is None:
+        if weights is not None:
+            raise ValueError(f"weights={weights!r}: the model's architecture is none of torchvision's ViTs "
+                             f"({', '.join(TORCHVISION_ARCHS)}), so it holds none of their weights")
+        cfg = _cfg(preset_for(config), None, _IMAGENET, config.num_classes, 0.875, None, config)
+        cfg["interpolation"] = "bilinear"
+        return cfg
+    name = default_torchvision_weights(arch, img[0]) if weights is None else weights.rpartition(".")[2]
+    rows = {w: (crop, resize, interp) for w, crop, resize, interp in _TV_WEIGHTS[arch]}
+    if name not in rows:
+        raise ValueError(f"weights={weights!r} are not torchvision weights of {arch}; known: {', '.join(rows)}")
+    crop, resize, interpolation = rows[name]
+    cfg = _cfg(preset_for(config), f"tv_{name.lower()}", _IMAGENET, config.num_classes, crop / resize, None, config)
+    cfg.update(hf_hub_id=None, interpolation=interpolation)
+    return cfg
+
+
+def preset_for(config: ViTConfig) -> str | None:
+    """The preset of ``config``'s architecture (patches, width, depth, heads, MLP), the one of its image size
+    first; None when no preset has that architecture. ``save_pretrained`` names it in config.json."""
+    same = [name for name, p in PRESETS.items()
+            if (_pair(p.patch_size), p.embed_dim, p.depth, p.num_heads, p.mlp_hidden_dim)
+            == (_pair(config.patch_size), config.embed_dim, config.depth, config.num_heads, config.mlp_hidden_dim)]
+    same.sort(key=lambda name: _pair(PRESETS[name].img_size) != _pair(config.img_size))
+    return same[0] if same else None
+

@@ -6,12 +6,11 @@ fp8 (CUDA compute capability >= 8.9; on CPU too, slowly, to check numerics): wei
 per output channel, activations e4m3 with one dynamic scale per token, GEMMs through ``torch._scaled_mm``
 (cuBLASLt), outputs in the model's dtype (bfloat16 on CUDA). The GEMM inputs are produced quantized: the
 LayerNorms before qkv and fc1 write e4m3 + scales (``layer_norm_fp8``), and fc1's output goes through one
-GELU-and-quantize pass (``quantize_rows(gelu=True)``). The attention output leaves the attention kernel as
-e4m3 (``attention_fp8``) with one scale per (token, head), and proj runs as a GEMM with per-group activation
-scales (``scaled_linear``'s Triton kernel): each attention program sees one head of a token, so it cannot make
-the token's row-wise scale. Where the dispatcher would not run both of those on kernels (CPU under ``auto``,
-a GPU before its policy measures them), the attention output goes through one quantize pass and proj through
-cuBLASLt's row-wise FP8 GEMM instead.
+GELU-and-quantize pass (``quantize_rows(gelu=True)``). The attention output leaves as e4m3 too (``attention_fp8``):
+from the Triton kernel with one scale per (token, head), which proj takes through ``scaled_linear``'s per-group
+Triton GEMM (each attention program sees one head of a token, so it cannot make the token's row-wise scale);
+from the reference with one scale per token (one quantizing pass), which proj takes through cuBLASLt's row-wise
+FP8 GEMM. Which one runs is the dispatcher's pick for ``attention_fp8``, as for any op.
 
 int8 (CPU): weights int8 per output channel (symmetric), activations quantized dynamically per call by
 PyTorch's fbgemm/x86 dynamic Linear (``torch.ops.quantized.linear_dynamic``): one scale per GEMM input
@@ -19,9 +18,12 @@ tensor, not per token, which is what that kernel supports. It is the fast CPU pa
 per-token int8 (Int8DynamicActivationInt8WeightConfig) runs through ``torch._int_mm``, which is 5x slower than
 fp32 on this CPU in eager mode.
 
-The quantized model is a :class:`~vit_fast.VisionTransformer` whose blocks are :class:`QuantizedBlock`: the
-same module and parameter names (``blocks.0.attn.qkv.weight`` is now e4m3 or int8, next to
-``blocks.0.attn.qkv.weight_scale``), inference only.
+The quantized model is the same :class:`~vit_fast.VisionTransformer`, running the same forward: quantization
+swaps modules, not the blocks' code. In every block the Linear layers become :class:`Fp8Linear` or
+:class:`Int8Linear`, the MLP branch a :class:`QuantizedMlp` (its GEMMs are separate, where the float model fuses
+the branch into one op), and with fp8 the norms become :class:`Fp8LayerNorm` (they emit their GEMM's e4m3
+input) and the attention core an :class:`Fp8AttentionCore` (it emits proj's). Module and parameter names stay
+(``blocks.0.attn.qkv.weight`` is now e4m3 or int8, next to ``blocks.0.attn.qkv.weight_scale``). Inference only.
 """
 
 from __future__ import annotations
@@ -29,16 +31,18 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_fast import backends, ops
+from vit_fast import ops
 from vit_fast.config import ViTConfig
-from vit_fast.model import Block, VisionTransformer
+from vit_fast.model import AttentionCore, Block, VisionTransformer
+from vit_fast.ops._fp8 import E4M3_MAX, FP8
+from vit_fast.ops.attention import unpack_qkv
+from vit_fast.ops.int8_linear import REDUCE_RANGE_ENGINES, pack_weight, quantize_weight
 
 FORMATS: tuple[str, ...] = ("fp8", "int8")
 _INT8_ENGINES = ("x86", "fbgemm", "onednn")
@@ -46,11 +50,6 @@ _INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
 class UnsupportedFormatError(RuntimeError):
     """The requested quantization format cannot run on the model's device."""
-
-
-def _q():
-    """The quantized ops' module (declared at import by ``vit_fast.ops``, like the model's ops)."""
-    return ops.scaled_linear
 
 
 def supported_formats(device: torch.device | str) -> dict[str, str | None]:
@@ -132,7 +131,7 @@ class Fp8Linear(_QuantizedLinear):
         super().__init__(in_features, out_features)
         # cuBLASLt wants N % 16 == 0: pad the output channels with zero rows, slice them off the output
         n = -(-out_features // 16) * 16
-        self.register_buffer("weight", torch.zeros(n, in_features, dtype=_q().FP8, device=device))
+        self.register_buffer("weight", torch.zeros(n, in_features, dtype=FP8, device=device))
         self.register_buffer("weight_scale", torch.ones(n, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(n, device=device))
 
@@ -142,9 +141,9 @@ class Fp8Linear(_QuantizedLinear):
             raise ValueError(f"fp8 needs in_features divisible by 16 (cuBLASLt); got {linear.in_features}")
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, device=w.device)
-        scale = _channel_scales(w, _q().E4M3_MAX)
+        scale = _channel_scales(w, E4M3_MAX)
         n = linear.out_features
-        m.weight[:n] = (w.float() / scale[:, None]).clamp(-_q().E4M3_MAX, _q().E4M3_MAX).to(_q().FP8)
+        m.weight[:n] = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
         m.weight_scale[:n] = scale
         m.bias = m.bias.to(w.dtype)
         if linear.bias is not None:
@@ -154,11 +153,11 @@ class Fp8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor | QuantizedRows, gelu: bool = False) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             rows = x.reshape(-1, x.shape[-1])  # (M, K)
-            q, scale = _q().quantize_rows(rows, gelu=gelu)
+            q, scale = ops.quantize_rows(rows, gelu=gelu)
             x = QuantizedRows(q, scale, tuple(x.shape), x.dtype)
         elif gelu:
             raise ValueError("gelu=True needs the float activation, not QuantizedRows")
-        y = _q().scaled_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
+        y = ops.scaled_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -177,14 +176,13 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
         self._packed: object | None = None
-        self.reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")
+        self.reduce_range = torch.backends.quantized.engine in REDUCE_RANGE_ENGINES
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, device=w.device)
-        scale = _channel_scales(w, 127.0)
-        m.weight.copy_(torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        m = cls(linear.in_features, linear.out_features, device=linear.weight.device)
+        weight_q, scale = quantize_weight(linear.weight)
+        m.weight.copy_(weight_q)
         m.weight_scale.copy_(scale)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
@@ -192,12 +190,7 @@ class Int8Linear(_QuantizedLinear):
 
     def _pack(self) -> object:
         if self._packed is None:
-            zero = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():  # fbgemm's prepack still takes a quantized tensor, now deprecated
-                warnings.simplefilter("ignore", UserWarning)
-                qweight = torch._make_per_channel_quantized_tensor(self.weight.cpu(), self.weight_scale.double().cpu(),
-                                                                   zero, 0)
-                self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias.cpu())
+            self._packed = pack_weight(self.weight, self.weight_scale, self.bias)
         return self._packed
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
@@ -212,7 +205,7 @@ class Int8Linear(_QuantizedLinear):
         if gelu:
             x = F.gelu(x)
         rows = x.reshape(-1, x.shape[-1]).float()  # (M, K)
-        y = _q().int8_linear(rows, self._pack(), reduce_range=self.reduce_range)
+        y = ops.int8_linear(rows, self._pack(), reduce_range=self.reduce_range)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -224,7 +217,7 @@ class Fp8LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> QuantizedRows:
         rows = x.reshape(-1, x.shape[-1])  # (M, C)
-        q, scale = _q().layer_norm_fp8(rows, self.weight, self.bias, eps=self.eps)
+        q, scale = ops.layer_norm_fp8(rows, self.weight, self.bias, eps=self.eps)
         return QuantizedRows(q, scale, tuple(x.shape), x.dtype)
 
 
@@ -234,75 +227,43 @@ def _fp8_norm(norm: nn.LayerNorm) -> Fp8LayerNorm:
     return out
 
 
-def _runs_on_kernels(op: str, args: tuple, kwargs: dict, device: torch.device) -> bool:
-    """Whether the dispatcher would run ``op`` on these inputs (on ``device``) on a kernel, not the reference."""
-    try:
-        return backends.pick(op, args, kwargs, device=device, full=False).backend != "reference"
-    except backends.BackendUnavailableError:
-        return False
+class Fp8AttentionCore(AttentionCore):
+    """The attention core whose output is proj's e4m3 input (:class:`QuantizedRows`), from ``attention_fp8``:
+    one scale per (token, head) from its Triton kernel, one per token from its reference."""
+
+    def forward(self, qkv: torch.Tensor) -> QuantizedRows:  # (B, N, 3, H, D) -> rows (B * N, H * D)
+        B, N, _, H, D = qkv.shape
+        out, scale = ops.attention_fp8(*unpack_qkv(qkv), scale=self.scale)
+        return QuantizedRows(out, scale, (B, N, H * D), qkv.dtype)
 
 
-class QuantizedAttention(nn.Module):
-    """qkv -> attention -> proj with quantized qkv and proj; the attention itself runs in the model's dtype.
-    With fp8 the attention kernel can emit proj's e4m3 input itself (see the module's docstring)."""
-
-    def __init__(self, attn: nn.Module, fmt: str) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.qkv = _LINEARS[fmt].from_linear(attn.qkv)
-        self.proj = _LINEARS[fmt].from_linear(attn.proj)
-
-    def _fp8_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QuantizedRows | None:
-        """The attention output as proj's e4m3 input, when both its producer and the per-(token, head) scaled
-        GEMM run on kernels; None otherwise."""
-        B, H, N, D = q.shape
-        if self.proj.format != "fp8" or D % 16:
-            return None
-        if not _runs_on_kernels("attention_fp8", (q, k, v), {"scale": self.scale}, q.device):
-            return None
-        gemm = (torch.empty(B * N, H * D, dtype=_q().FP8, device="meta"), torch.empty(B * N, H, device="meta"),
-                self.proj.weight.to("meta"), self.proj.weight_scale.to("meta"), self.proj.bias.to("meta"))
-        if not _runs_on_kernels("scaled_linear", gemm, {"out_dtype": q.dtype}, q.device):
-            return None
-        out, scale = _q().attention_fp8(q, k, v, scale=self.scale)
-        return QuantizedRows(out, scale, (B, N, H * D), q.dtype)
-
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        qkv = self.qkv(x)  # (B, N, 3E)
-        B, N, _ = qkv.shape
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
-        rows = self._fp8_out(q, k, v)
-        if rows is not None:
-            return self.proj(rows)
-        o = ops.attention(q, k, v, scale=self.scale)
-        return self.proj(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, E)
+def _fp8_core(core: AttentionCore) -> Fp8AttentionCore:
+    return Fp8AttentionCore(core.scale, core.dropout_p)
 
 
 class QuantizedMlp(nn.Module):
+    """The MLP branch with quantized fc1 and fc2, given the block's norm (``Mlp``'s call): fc2's input is
+    ``gelu(fc1(norm(x)))``, with fp8 quantized in the same pass as the GELU."""
+
     def __init__(self, mlp: nn.Module, fmt: str) -> None:
         super().__init__()
         self.fc1 = _LINEARS[fmt].from_linear(mlp.fc1)
         self.fc2 = _LINEARS[fmt].from_linear(mlp.fc2)
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        return self.fc2(self.fc1(x), gelu=True)  # fp8: the GELU and fc2's input quantization are one pass
+    def forward(self, x: torch.Tensor, norm: nn.Module, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.fc2(self.fc1(norm(x)), gelu=True)
+        return out if residual is None else residual + out
 
 
-class QuantizedBlock(nn.Module):
-    """A pre-LN block (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``) with quantized Linear layers; with fp8 the
-    norms emit the GEMMs' e4m3 inputs. Inference only: dropout and stochastic depth are off."""
-
-    def __init__(self, block: Block, fmt: str) -> None:
-        super().__init__()
-        self.format = fmt
-        self.norm1 = _fp8_norm(block.norm1) if fmt == "fp8" else block.norm1
-        self.attn = QuantizedAttention(block.attn, fmt)
-        self.norm2 = _fp8_norm(block.norm2) if fmt == "fp8" else block.norm2
-        self.mlp = QuantizedMlp(block.mlp, fmt)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, N, E)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+def _quantize_block(block: Block, fmt: str) -> None:
+    """Swap ``block``'s modules for their ``fmt`` forms, in place; its forward stays the float model's."""
+    attn = block.attn
+    attn.qkv, attn.proj = _LINEARS[fmt].from_linear(attn.qkv), _LINEARS[fmt].from_linear(attn.proj)
+    block.mlp = QuantizedMlp(block.mlp, fmt)
+    if fmt == "fp8":
+        block.norm1, block.norm2 = _fp8_norm(block.norm1), _fp8_norm(block.norm2)
+        if attn.head_dim % 16 == 0:  # the e4m3 rows of a head are proj's K groups: multiples of 16
+            attn.core = _fp8_core(attn.core)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------
@@ -343,8 +304,8 @@ def quantize(model: VisionTransformer, fmt: str, *, head: bool = False, dtype: t
     if dtype is not None:
         out.to(dtype)
     with torch.no_grad():
-        for i, block in enumerate(out.blocks):
-            out.blocks[i] = QuantizedBlock(block, fmt)
+        for block in out.blocks:
+            _quantize_block(block, fmt)
         if head and isinstance(out.head, nn.Linear):
             out.head = _LINEARS[fmt].from_linear(out.head)
     out.quantization = {"format": fmt, "head": bool(head and isinstance(out.head, _QuantizedLinear))}
@@ -352,15 +313,18 @@ def quantize(model: VisionTransformer, fmt: str, *, head: bool = False, dtype: t
 
 
 def save_quantized(model: VisionTransformer, path: str | os.PathLike) -> None:
-    """Write a quantized model (weights, their scales, and what rebuilds it: config, format) as safetensors."""
-    from safetensors.torch import save_file
+    """Write a quantized model (weights, their scales, and what rebuilds it: config, format) as safetensors,
+    atomically: a failed write (a full disk) leaves any earlier file at ``path`` whole."""
+    from safetensors.torch import save
+
+    from vit_fast.fileio import atomic_write
 
     info = getattr(model, "quantization", None)
     if not info:
         raise ValueError("model is not quantized: save it with safetensors.torch.save_file(model.state_dict())")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"config": json.dumps(model.config.to_dict()),
-                                                 "quantization": json.dumps(info)})
+    atomic_write(path, save(tensors, metadata={"config": json.dumps(model.config.to_dict()),
+                                               "quantization": json.dumps(info)}))
 
 
 def load_quantized(path: str | os.PathLike, device: torch.device | str = "cpu") -> VisionTransformer:
@@ -384,5 +348,6 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str = "cpu") 
     return model
 
 
-__all__ = ["FORMATS", "Fp8Linear", "Int8Linear", "QuantizedBlock", "QuantizedRows", "UnsupportedFormatError",
-           "check_supported", "load_quantized", "quantize", "save_quantized", "supported_formats"]
+__all__ = ["FORMATS", "Fp8AttentionCore", "Fp8LayerNorm", "Fp8Linear", "Int8Linear", "QuantizedMlp", "QuantizedRows",
+           "UnsupportedFormatError", "check_supported", "load_quantized", "quantize", "save_quantized",
+           "supported_formats"]

@@ -11,7 +11,6 @@ depend on them), said so in the report.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -76,39 +75,22 @@ def inference_images_per_s(model: torch.nn.Module, input_shape: Sequence[int], *
         return n * batch_size / (time.perf_counter() - t0)
 
 
-def _model_of(summary: dict) -> torch.nn.Module | None:
-    """The run's architecture with fresh weights, or None when its config is not a vit_fast ViT's."""
-    import vit_fast
-
-    config = summary.get("config")
-    if not isinstance(config, dict):
-        return None
-    if config.get("family") == "timm":  # a CNN baseline trained by vit-fast train
-        from vit_fast.train.models import model_from_config
-
-        return model_from_config(config)
-    try:
-        return vit_fast.VisionTransformer(vit_fast.ViTConfig(**config))
-    except (TypeError, ValueError):
-        return None
-
-
 def load_run(run_dir: str | os.PathLike, *, measure: bool = True, device: str = "cpu",
              batch_size: int = 64) -> dict:
-    """One row of the report (the :data:`COLUMNS` keys, None where unknown) plus the run's metrics records."""
-    from vit_fast.train.metrics import read_metrics
+    """One row of the report (the :data:`COLUMNS` keys, None where unknown) plus the run's metrics records,
+    read by :mod:`vit_fast.rundir` (a file of the run that is torn or of the wrong shape raises its error, which
+    names the file)."""
+    from vit_fast.rundir import read_run
 
-    path = Path(run_dir)
-    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
-    if not summary_path.is_file() and not metrics_path.is_file():
-        raise FileNotFoundError(f"{path} holds neither summary.json nor metrics.jsonl: not a `vit-fast train` run")
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else _from_checkpoint(path)
-    records = read_metrics(metrics_path)
+    run = read_run(run_dir)
+    path = run.path
+    summary = run.facts()
+    records = run.metrics()
     evals = [r for r in records if r.get("kind") == "eval"]
     last = evals[-1] if evals else {}
     train = [r for r in records if r.get("kind") == "train"]
     row = {
-        "run": path.name or os.fspath(path), "path": os.fspath(path), "finished": summary_path.is_file(),
+        "run": path.name or os.fspath(path), "path": os.fspath(path), "finished": run.finished,
         "model": summary.get("model"), "dataset": summary.get("dataset"),
         "epochs": summary.get("epochs", last.get("epoch")),
         "top1": summary.get("test_top1", last.get("test_top1")),
@@ -118,12 +100,12 @@ def load_run(run_dir: str | os.PathLike, *, measure: bool = True, device: str = 
         "infer_img_s": summary.get("inference_images_per_s"), "infer_measured": False,
         "wall_s": summary.get("wall_s"), "records": records,
     }
-    model = _model_of(summary)
-    if model is not None:
-        cfg = getattr(model, "config", None)  # a timm CNN has none: its summary records the input
-        img_size = cfg.img_size if cfg is not None else summary.get("img_size")
+    model = run.network()
+    cfg = getattr(model, "config", None)  # a timm CNN has none: its summary records the input
+    img_size = cfg.img_size if cfg is not None else summary.get("img_size")
+    if model is not None and img_size is not None:
         in_chans = cfg.in_chans if cfg is not None else summary.get("in_chans", 3)
-        shape = (in_chans, *((img_size, img_size) if isinstance(img_size, int) else img_size))
+        shape = (in_chans, *((img_size, img_size) if isinstance(img_size, int) else img_size[-2:]))
         row["params"] = row["params"] or sum(p.numel() for p in model.parameters())
         if row["gflops"] is None:
             row["gflops"] = model_flops(model, shape) / 1e9
@@ -131,17 +113,6 @@ def load_run(run_dir: str | os.PathLike, *, measure: bool = True, device: str = 
             row["infer_img_s"] = inference_images_per_s(model, shape, batch_size=batch_size, device=device)
             row["infer_measured"] = True
     return row
-
-
-def _from_checkpoint(path: Path) -> dict:
-    """What a run still in progress tells of itself in its newest checkpoint, under the summary's keys."""
-    from vit_fast.train.checkpoints import load_newest_checkpoint
-
-    ckpt = load_newest_checkpoint(path / "checkpoints") or {}
-    recipe = ckpt.get("recipe") or {}
-    found = {"config": ckpt.get("config"), "wall_s": ckpt.get("wall_s"),
-             **{k: recipe.get(k) for k in ("model", "dataset", "epochs")}}
-    return {k: v for k, v in found.items() if v is not None}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -5,11 +5,18 @@ Every case is checked, then timed, exactly as ``vit-fast bench`` does it (:func:
 each backend's output and gradients against the fp32 oracle by :mod:`vit_fast.tolerance`'s rule, then
 :class:`~vit_fast.bench.Timer`). A kernel backend is ranked before the reference only when it passed that check
 and was faster beyond the noise (:func:`entry`); on CPU the reference always runs, and the file says why.
+
+Two verdicts per case, from one set of measurements at the same shape: eager (the kernels against the reference,
+``order``) and under ``torch.compile`` (the kernels against what inductor makes of the op, ``compiled_order``: a
+kernel is an opaque custom op in a compiled graph, so its own time stands, while the reference's becomes
+inductor's). Where a kernel family has more than one implementation (:data:`vit_fast.kernels.VARIANTS`), the
+triton backend is timed with each, and the entry names the fastest verified one (``kernel_variants``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import sys
@@ -19,11 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+import vit_fast
 from vit_fast import backends, policy
 from vit_fast.backends import dtype_name
-from vit_fast.bench.cases import CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, preset_dims
+from vit_fast.bench.cases import (
+    CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, OpBench, default_ops, preset_dims)
 from vit_fast.bench.measure import Budget, bench_op_case
-from vit_fast.bench.providers import backend_providers
+from vit_fast.bench.providers import Provider, backend_providers, compile_skip
 from vit_fast.bench.runner import progress
 from vit_fast.bench.timing import Timer, device_info
 from vit_fast.config import get_config
@@ -56,7 +65,7 @@ class TuneConfig:
     models: list[str] | None = None  # None: the defaults for the device
     batch_sizes: list[int] | None = None
     dtypes: list[str] | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    ops: list[str] = field(default_factory=lambda: list(OPS))
+    ops: list[str] | None = None  # None: the device's defaults (bench.cases.default_ops)
     modes: list[str] = field(default_factory=lambda: list(OP_MODES))
     device: str | None = None
     out: str | None = None  # None: policy.default_path for the device
@@ -102,6 +111,8 @@ def resolve(cfg: TuneConfig) -> tuple[torch.device, list[str], list[int], list[t
     if any(b < 1 for b in batches):
         raise ValueError(f"--batch-sizes must be >= 1; got {batches}")
     names = cfg.dtypes or (["bfloat16"] if gpu else ["float32"])
+    if cfg.ops is None:
+        cfg.ops = default_ops(device)
     bad = [d for d in names if d not in DTYPES] + [o for o in cfg.ops if o not in OPS]
     bad += [m for m in cfg.modes if m not in OP_MODES]
     if bad:
@@ -130,25 +141,59 @@ def plan(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.d
     return cases
 
 
-def entry(case: Case, mode: str, rows: Sequence[dict], device: torch.device) -> dict:
-    """The policy entry for one case and mode from its ``vit-fast bench`` rows (one per backend)."""
+# The kernel families each op's triton backend launches, whose variants tune times (moves into the op specs).
+OP_KERNEL_FAMILIES: dict[str, tuple[str, ...]] = {"attention": ("attention_fwd", "attention_bwd"),
+                                                  "layernorm_mlp": ("gemm",)}
+INDUCTOR = "inductor"  # the measured key of the op under torch.compile (the bench case's compiled baseline)
+
+
+def _beats(measured: dict[str, dict], base: str, key: str) -> list[str]:
+    """The backends (no variant rows) faster than ``base`` beyond the noise, fastest first; each measured row gets
+    its ``key`` (speedup over ``base``)."""
+    ref = measured.get(base, {})
+    if "median_ms" not in ref:
+        return []
+    for m in measured.values():
+        if "median_ms" in m:
+            m[key] = ref["median_ms"] / m["median_ms"]
+    return sorted((b for b, m in measured.items() if b in backends.BACKENDS[1:] and key in m
+                   and m["p80_ms"] < ref["p20_ms"] and m[key] >= 1 + MARGIN), key=lambda b: measured[b]["median_ms"])
+
+
+def _measured(rows: Sequence[dict]) -> dict[str, dict]:
     measured: dict[str, dict] = {}
     for r in rows:
-        backend = r["provider"].split(":", 1)[1]
+        name = r["provider"].split(":", 1)[1] if r["provider"].startswith("vit_fast:") else INDUCTOR
         if r["status"] == "ok":
-            measured[backend] = {"status": "ok", **{k: r[k] for k in ("median_ms", "p20_ms", "p80_ms", "agreement")}}
+            measured[name] = {"status": "ok", **{k: r[k] for k in ("median_ms", "p20_ms", "p80_ms", "agreement")}}
         else:
-            measured[backend] = {"status": r["status"], "reason": r["reason"]}
+            measured[name] = {"status": r["status"], "reason": r["reason"]}
+    return measured
+
+
+def _fastest_variants(measured: dict[str, dict]) -> dict[str, str]:
+    """family -> the triton variant measured fastest and verified (the launcher's default included)."""
+    found: dict[str, str] = {}
+    for family in dict.fromkeys(b.split("@", 1)[1].split("=")[0] for b in measured if b.startswith("triton@")):
+        timed = {name: measured[b]["median_ms"] for b in measured if b.startswith(f"triton@{family}=")
+                 and "median_ms" in measured[b] for name in [b.split("=", 1)[1]]}
+        if "median_ms" in measured.get("triton", {}):
+            timed["default"] = measured["triton"]["median_ms"]
+        if timed:
+            found[family] = min(timed, key=timed.get)
+    return found
+
+
+def entry(case: Case, mode: str, rows: Sequence[dict], device: torch.device) -> dict:
+    """The policy entry for one case and mode from its ``vit-fast bench`` rows (one per backend, triton variant
+    and the compiled baseline)."""
+    measured = _measured(rows)
     ref = measured.get("reference", {})
-    if "median_ms" in ref:
-        for m in measured.values():
-            if "median_ms" in m:
-                m["speedup"] = ref["median_ms"] / m["median_ms"]
-    winners = sorted((b for b, m in measured.items() if b != "reference" and "speedup" in m
-                      and m["p80_ms"] < ref["p20_ms"] and m["speedup"] >= 1 + MARGIN),
-                     key=lambda b: measured[b]["median_ms"])
+    winners = _beats(measured, "reference", "speedup")
+    compiled_winners = _beats(measured, INDUCTOR, "compiled_speedup")
+    inductor = measured.get(INDUCTOR, {})
     if device.type not in backends.POLICY_DEVICES:
-        winners, why = [], CPU_NOTE
+        winners, compiled_winners, why = [], [], CPU_NOTE
     elif "median_ms" not in ref:
         winners, why = [], f"the reference was not measured ({ref.get('reason')}): nothing to compare with"
     elif winners:
@@ -158,10 +203,56 @@ def entry(case: Case, mode: str, rows: Sequence[dict], device: torch.device) -> 
     else:
         why = "no kernel backend beat the reference beyond the noise"
     others = [f"{b} {m['speedup']:.2f}x" if "speedup" in m else f"{b} {m['median_ms']:.4g} ms" if "median_ms" in m
-              else f"{b} {m['status']}: {m['reason']}" for b, m in measured.items() if b != "reference"]
-    return {"op": case.op, "dtype": dtype_name(case.dtype), "mode": mode, "bucket": list(case.bucket),
-            "shape": case.shape, "source": case.source, "order": [*winners, "reference"], "measured": measured,
-            "why": why + (f" ({'; '.join(others)})" if others else "")}
+              else f"{b} {m['status']}: {m['reason']}" for b, m in measured.items() if b in backends.BACKENDS[1:]]
+    if device.type not in backends.POLICY_DEVICES:
+        compiled_why = CPU_NOTE
+    elif "median_ms" not in inductor:
+        compiled_why = (f"the op under torch.compile was not measured ({inductor.get('reason')}): under compile the "
+                        "reference (inductor) runs")
+    elif compiled_winners:
+        w = compiled_winners[0]
+        compiled_why = f"{w} is {measured[w]['compiled_speedup']:.2f}x inductor's code for the op beyond the noise"
+    else:
+        compiled_why = "no kernel backend beat inductor's code for the op beyond the noise"
+    found = {"op": case.op, "dtype": dtype_name(case.dtype), "mode": mode, "bucket": list(case.bucket),
+             "shape": case.shape, "source": case.source, "order": [*winners, "reference"],
+             "compiled_order": [*compiled_winners, "reference"], "measured": measured,
+             "why": why + (f" ({'; '.join(others)})" if others else ""), "compiled_why": compiled_why}
+    variants = _fastest_variants(measured)
+    if variants:
+        found["kernel_variants"] = variants
+    return found
+
+
+def providers(op: OpBench, device: torch.device, quick: bool) -> list[Provider]:
+    """Each backend; the triton backend with each other variant of the op's kernel families (where the device
+    can run it); and the op under torch.compile (the reference traced by inductor), the compiled verdict's
+    baseline."""
+    out = backend_providers(op.public(), device)
+    triton = next(p for p in out if p.name == "vit_fast:triton")
+    import vit_fast.kernels as kernels
+
+    for family in OP_KERNEL_FAMILIES.get(op.name, ()):
+        for name in kernels.VARIANTS[family][1:]:
+            skip = triton.skip or backends.unavailable("triton")
+            if not skip and "tma" in kernels.VARIANTS[family] and device.type == "cuda":
+                skip = kernels.tma_device_reason(device)
+            out.append(Provider(f"vit_fast:triton@{family}={name}", "vit_fast", op.public(),
+                                _variant_context(family, name), skip=skip))
+    cname, cfn = op.compiled_baseline()
+    out.append(Provider(cname, "baseline", cfn, compile=True, skip=compile_skip(device, quick, True)))
+    return out
+
+
+def _variant_context(family: str, name: str):
+    import vit_fast.kernels as kernels
+
+    @contextlib.contextmanager
+    def both():
+        with vit_fast.set_backend("triton"), kernels.use_variant(family, name):
+            yield
+
+    return both
 
 
 def tune(cfg: TuneConfig) -> tuple[dict, str, bool]:
@@ -193,10 +284,11 @@ def tune(cfg: TuneConfig) -> tuple[dict, str, bool]:
                 break
             bar.set_description(f"{case.op} {OP_BENCHES[case.op].label(case.shape)} {dtype_name(case.dtype)}")
             op = OP_BENCHES[case.op]
-            rows = bench_op_case(op, case.shape, case.dtype, device, backend_providers(op.public(), device),
-                                 cfg.modes, timer, _NO_PEAKS, budget)
+            rows = bench_op_case(op, case.shape, case.dtype, device, providers(op, device, cfg.quick), cfg.modes,
+                                 timer, _NO_PEAKS, budget)
             failed |= any(r["status"] == "failed" for r in rows)
-            doc["entries"] += [entry(case, mode, [r for r in rows if r["mode"] == mode], device) for mode in cfg.modes]
+            doc["entries"] += [entry(case, mode, [r for r in rows if r["mode"] == mode], device) for mode in cfg.modes
+                               if mode in op.modes]
             policy.write(path, doc)
             bar.update(1)
     except KeyboardInterrupt:  # a time limit from outside: the file holds every case measured so far
@@ -209,14 +301,14 @@ def tune(cfg: TuneConfig) -> tuple[dict, str, bool]:
 
 def summary(doc: dict) -> str:
     """A table of the entries: what auto picks per op, dtype, mode and bucket, and the measured speedups."""
-    lines = [f"{'op':<14} {'dtype':<9} {'mode':<8} {'bucket':<22} {'from':<28} {'auto picks':<10} speedups"]
+    lines = [f"{'op':<14} {'dtype':<9} {'mode':<8} {'bucket':<22} {'from':<28} {'auto picks':<10} "
+             f"{'compiled':<10} speedups"]
     for e in doc["entries"]:
         gains = ", ".join(f"{b} {s:.2f}x" for b, s in policy.speedups(e) if b != "reference") or "-"
+        compiled = e.get("compiled_order", e["order"])[0]
         lines.append(f"{e['op']:<14} {e['dtype']:<9} {e['mode']:<8} {str(tuple(e['bucket'])):<22} "
-                     f"{e['source']:<28} {e['order'][0]:<10} {gains}")
+                     f"{e['source']:<28} {e['order'][0]:<10} {compiled:<10} {gains}")
     return "\n".join(lines + [f"note: {n}" for n in doc["notes"]])
-
-
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +319,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"batch sizes (default on CUDA: {' '.join(map(str, GPU_BATCHES))})")
     parser.add_argument("--dtype", nargs="+", metavar="DTYPE", choices=list(DTYPES),
                         help="dtypes (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--ops", nargs="+", metavar="OP", choices=list(OPS), default=list(OPS), help="ops")
+    parser.add_argument("--ops", nargs="+", metavar="OP", choices=list(OPS), default=None,
+                        help="ops (default: every one; on CPU less the fp8 ones, whose e4m3 math is emulated there)")
     parser.add_argument("--modes", nargs="+", choices=list(OP_MODES), default=list(OP_MODES),
                         help="fwd (inference) and/or fwd+bwd (training); both by default")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if visible)")

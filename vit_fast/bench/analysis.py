@@ -3,6 +3,13 @@ and the regression check of one run against an earlier one on the same device.""
 
 from __future__ import annotations
 
+import os
+
+from vit_fast.fileio import FileFormatError, read_json
+
+# What the comparison reads of a row: the case and provider (strings), status, median and spread.
+_ROW_STRINGS = ("kind", "name", "mode", "dtype", "shape_label", "provider", "status")
+
 
 def case_key(row: dict) -> tuple:
     return (row["kind"], row["name"], row["mode"], row["dtype"], row["shape_label"])
@@ -24,6 +31,37 @@ def add_speedups(rows: list[dict]) -> None:
         b = best.get(case_key(r))
         r["best_baseline"] = b["provider"] if b else None
         r["speedup"] = b["median_ms"] / r["median_ms"] if b and r["status"] == "ok" else None
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """A ``results.json`` of ``vit-fast bench``, checked for what :func:`compare_results` reads: a file that is
+    torn, not JSON or of another shape raises :class:`~vit_fast.fileio.FileFormatError` (a ValueError) naming it
+    and what is wrong; a missing one, ``FileNotFoundError``."""
+    doc = read_json(path, what="vit-fast bench results file")
+    env = doc.get("environment")
+    dev = env.get("device") if isinstance(env, dict) else None
+    problems = [] if isinstance(dev, dict) and all(isinstance(dev.get(k), str) for k in ("type", "name")) else \
+        ["no environment.device with a type and a name (strings)"]
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        problems.append("'rows' missing or not a list")
+    for i, r in enumerate(rows if isinstance(rows, list) else []):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in _ROW_STRINGS):
+            problems.append(f"row {i} lacks one of {', '.join(_ROW_STRINGS)} (strings)")
+        elif r["status"] == "ok" and not (_is_number(r.get("median_ms")) and r["median_ms"] > 0):
+            problems.append(f"row {i} is 'ok' without a positive median_ms")
+        elif r.get("spread") is not None and not _is_number(r["spread"]):
+            problems.append(f"row {i} has a spread that is not a number")
+        else:
+            continue
+        break
+    if problems:
+        raise FileFormatError(f"{os.fspath(path)}: not a valid vit-fast bench results file: {'; '.join(problems)}")
+    return doc
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def compare_results(old: dict, new: dict, min_rel: float = 0.02) -> dict:

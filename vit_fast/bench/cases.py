@@ -1,22 +1,22 @@
-"""What is benchmarked per op: the shapes, fresh random inputs, the analytic FLOP and byte counts (the useful
-work, counted the same for every provider) and the PyTorch ways of computing the same thing."""
+"""What is benchmarked per op, read from each op's spec (:class:`vit_fast.ops.spec.Bench` and its input makers):
+the shapes, fresh random inputs, the analytic FLOP and byte counts (the useful work, counted the same for every
+provider) and the PyTorch ways of computing the same thing. No op is named here: every declared op with a
+``bench`` is benchmarked."""
 
 from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from vit_fast import ops
+from vit_fast import backends
 from vit_fast.config import ViTConfig, get_config
 
 OP_MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SEQ_LENS: tuple[int, ...] = (65, 197, 257, 577, 1025)  # CIFAR/4, /16 at 224, /14 at 224, /16 at 384, /16 at 512
 
 
 def seed(*parts: object) -> None:
@@ -79,31 +79,8 @@ def run_once(fn: Callable, inputs: Inputs, mode: str) -> tuple[torch.Tensor, tup
     return out, torch.autograd.grad(out, inputs.leaves(), inputs.grad_out)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _layer_norm_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-def _mlp_eager(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, fc1_weight: torch.Tensor,
-               fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *, eps: float,
-               residual: torch.Tensor) -> torch.Tensor:
-    """What a PyTorch ViT block does: LayerNorm -> Linear -> GELU -> Linear, plus the residual."""
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-    return residual + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
-
-
-def _patch_embed_eager(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, cls_token: torch.Tensor,
-                       pos_embed: torch.Tensor) -> torch.Tensor:
-    """What timm does: conv, flatten, transpose, cat the class token, add the position embedding."""
-    x = F.conv2d(images, weight, bias, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)  # (B, N, E)
-    return torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed  # (B, 1+N, E)
-
-
 def preset_dims(name: str) -> dict[str, int]:
-    """The sizes of preset ``name`` that the ops' shapes are made of (:meth:`OpBench.model_shape`)."""
+    """The sizes of preset ``name`` that the ops' shapes are made of (:attr:`Bench.model_shape`)."""
     cfg = get_config(name)
     return {"N": cfg.num_patches + cfg.num_prefix_tokens, "C": cfg.embed_dim, "H": cfg.num_heads,
             "D": cfg.head_dim, "hidden": cfg.mlp_hidden_dim, "P": patch_size(cfg),
@@ -119,298 +96,122 @@ CPU_BATCHES = (1, 8)
 
 
 class OpBench:
-    """One op's benchmark: its shapes, inputs, analytic counts and the PyTorch ways of computing it."""
+    """One op's benchmark, as its spec declares it: shapes, inputs, analytic counts and the PyTorch ways."""
 
-    name: str
-    metric: str  # "TFLOP/s" (compute-bound work) or "GB/s" (memory-bound)
-    shape_keys: tuple[str, ...]
+    def __init__(self, op: str) -> None:
+        self.spec = backends.spec(op)
+        self.name = op
+        self.metric, self.shape_keys = self.spec.bench.metric, self.spec.bench.shape_keys
 
-    def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
-        raise NotImplementedError
-
-    def tokens(self, shape: dict[str, int]) -> int:
-        """The sequence length, the x axis of the plots."""
-        return shape["N"]
-
-    def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
-        raise NotImplementedError
-
-    def flops(self, shape: dict[str, int], mode: str) -> int:
-        raise NotImplementedError
-
-    def bytes(self, shape: dict[str, int], mode: str, elem: int) -> int:
-        raise NotImplementedError
-
-    def reference(self) -> Callable:
-        return getattr(ops, f"{self.name}_ref")
-
-    def public(self) -> Callable:
-        return getattr(ops, self.name)
-
-    def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
-        """(name, function with the op's signature, context it runs in) for each eager PyTorch way."""
-        raise NotImplementedError
-
-    def compiled_baseline(self) -> tuple[str, Callable]:
-        raise NotImplementedError
-
-    def peers(self) -> list[tuple[str, str, Callable[[], Callable]]]:
-        """(name, module that must be importable, factory of a function with the op's signature)."""
-        return []
-
-    def note(self, shapes: list[dict[str, int]]) -> str | None:
-        """A line for the op's section of the report about the measured ``shapes`` (None: nothing to add)."""
-        return None
-
-    def label(self, shape: dict[str, int]) -> str:
-        return " ".join(f"{k}{shape[k]}" for k in self.shape_keys)
-
-    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
-        """The op's shape, less the batch, in a model of :func:`preset_dims` ``dims`` (what tune measures)."""
-        raise NotImplementedError
-
-    def _from_presets(self, quick: bool, gpu: bool, quick_gpu: list[dict],
-                      quick_cpu: list[dict]) -> list[dict[str, int]]:
+    def shapes(self, quick: bool, gpu: bool) -> list[dict]:
+        b = self.spec.bench
+        if b.shapes is not None:
+            return [dict(s) for s in b.shapes(quick, gpu)]
         if quick:
-            return quick_gpu if gpu else quick_cpu
+            return [dict(s) for s in b.quick[0 if gpu else 1]]
         out = []
         for name in GPU_PRESETS if gpu else CPU_PRESETS:
-            for b in GPU_BATCHES if gpu else CPU_BATCHES:
-                s = {"B": b, **self.model_shape(preset_dims(name))}
+            for batch in GPU_BATCHES if gpu else CPU_BATCHES:
+                s = {"B": batch, **self.model_shape(preset_dims(name))}
                 if s not in out:
                     out.append(s)
         return out
 
+    def model_shape(self, dims: Mapping[str, int]) -> dict:
+        """The op's shape, less the batch, in a model of :func:`preset_dims` ``dims`` (what tune measures)."""
+        return dict(self.spec.bench.model_shape(dims))
 
-class AttentionBench(OpBench):
-    name, metric, shape_keys = "attention", "TFLOP/s", ("B", "H", "N", "D")
+    def tokens(self, shape: Mapping) -> int:
+        """The sequence length, the x axis of the plots."""
+        return self.spec.bench.tokens(shape)
 
-    def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
-        if quick:
-            if gpu:  # the shapes of the attention targets: ViT-B heads and ViT-H/14 heads at 197, 257, 577 tokens
-                return [{"B": 64, "H": h, "N": n, "D": d} for h, d in ((12, 64), (16, 80)) for n in (197, 257, 577)]
-            return [{"B": 4, "H": 3, "N": 65, "D": 64}, {"B": 1, "H": 3, "N": 197, "D": 64}]
-        heads = ((12, 64), (16, 80)) if gpu else ((3, 64), (3, 80))  # ViT-B and ViT-H/14 (ViT-Ti heads on CPU)
-        seqs = SEQ_LENS if gpu else SEQ_LENS[:3]
-        return [{"B": b, "H": h, "N": n, "D": d} for h, d in heads for n in seqs
-                for b in (GPU_BATCHES if gpu else CPU_BATCHES)]
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes measured: an inference op (the fp8 ones) has no backward."""
+        return tuple(self.spec.bench.modes)
 
-    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
-        return {"H": dims["H"], "N": dims["N"], "D": dims["D"]}
+    def dims(self, shape: Mapping) -> dict:
+        """``shape`` (the report's columns) as the op's case dims."""
+        b = self.spec.bench
+        return {**(b.to_dims(shape) if b.to_dims else shape), **b.model_dims}
 
-    def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
-        B, H, N, D = (shape[k] for k in "BHND")
-        qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype)  # the qkv projection's output, as in the model
+    def make(self, shape: Mapping, dtype: torch.dtype, device: torch.device) -> Inputs:
+        """Fresh random inputs of the model's own layout (the op's case maker, seeded by :func:`seed`). An op
+        measured forward only assembles each set of tensors once: its assembly quantizes (the fp8 ops), which is
+        not the op's work and must stay out of the timing."""
+        dims = self.dims(shape)
+        cases = self.spec.cases
+        device = torch.device(device)
+        g = device if device.type == "meta" else torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**31 - 1, ()).item()))
+        leaves = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in cases.leaves(dims, g).items()}
+        if "fwd+bwd" in self.modes:
+            return Inputs(leaves, tuple(cases.grads(dims)), lambda t: cases.view(dims, t))
+        assembled: dict[int, tuple] = {}  # id of a tensor dict -> (the dict, kept alive so its id stays its own; args)
 
-        def assemble(t: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
-            q, k, v = t["qkv"].permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), strided views (no copy)
-            return (q, k, v), {"scale": D**-0.5}
+        def once(t: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+            if id(t) not in assembled:
+                assembled[id(t)] = (t, cases.view(dims, t))
+            return assembled[id(t)][1]
 
-        return Inputs({"qkv": qkv}, ("qkv",), assemble)
+        return Inputs(leaves, (), once)
 
-    def flops(self, shape: dict[str, int], mode: str) -> int:
-        # forward: q k^T and p v, 2 * N * N * D each per head; backward: dV = P^T dO, dP = dO V^T, dQ = dS K,
-        # dK = dS^T Q, twice the forward. The recomputation of P that FlashAttention-style kernels do is not
-        # counted: it is not useful work, and every provider is credited the same.
-        fwd = 4 * shape["B"] * shape["H"] * shape["N"] ** 2 * shape["D"]
-        return fwd if mode == "fwd" else 3 * fwd
+    def flops(self, shape: Mapping, mode: str) -> int:
+        return self.spec.bench.flops(shape, mode)
 
-    def bytes(self, shape: dict[str, int], mode: str, elem: int) -> int:
-        # forward reads q, k, v and writes o; the backward at least reads q, k, v, dO and writes dq, dk, dv.
-        t = shape["B"] * shape["H"] * shape["N"] * shape["D"] * elem
-        return 4 * t if mode == "fwd" else 11 * t
+    def bytes(self, shape: Mapping, mode: str, elem: int) -> int:
+        return self.spec.bench.bytes(shape, mode, elem)
 
-    def note(self, shapes: list[dict[str, int]]) -> str | None:
-        # Tiles cover N in blocks and D in power-of-two parts: the rest of each tile is masked work. 64 x 64 is the
-        # smallest forward tile the autotuner tries: the fraction is an upper bound for the configs it picks.
-        try:
-            from vit_fast.kernels.attention import useful_fraction
-        except ImportError:
-            return None
-        pairs = sorted({(s["N"], s["D"]) for s in shapes})
-        if not pairs:
-            return None
-        cells = ", ".join(f"N={n} D={d} {useful_fraction(n, d, 64, 64):.0%}" for n, d in pairs)
-        return f"Useful score-matrix work of the Triton kernels (useful / computed entries, 64 x 64 tiles): {cells}."
+    def reference(self) -> Callable:
+        return self.spec.reference
+
+    def public(self) -> Callable:
+        return self.spec.public
 
     def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def forced(backend: SDPBackend) -> Callable[[], contextlib.AbstractContextManager]:
-            return lambda: sdpa_kernel([backend])
-
-        kinds = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
-                 ("math", "MATH"))
-        return [(f"sdpa:{short}", _sdpa, forced(getattr(SDPBackend, attr)))
-                for short, attr in kinds if hasattr(SDPBackend, attr)]
+        """(name, function with the op's signature, context it runs in) for each eager PyTorch way."""
+        return self.spec.bench.baselines()
 
     def compiled_baseline(self) -> tuple[str, Callable]:
-        return "compiled:reference", ops.attention_ref
+        return self.spec.bench.compiled or ("compiled:reference", self.spec.reference)
 
     def peers(self) -> list[tuple[str, str, Callable[[], Callable]]]:
-        def flash_attn() -> Callable:
-            from flash_attn import flash_attn_func
+        """(name, module that must be importable, factory of a function with the op's signature)."""
+        return self.spec.bench.peers()
 
-            def fn(q, k, v, *, scale):  # flash_attn takes (B, N, H, D)
-                return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       softmax_scale=scale).transpose(1, 2)
+    def note(self, shapes: list[dict]) -> str | None:
+        """A line for the op's section of the report about the measured ``shapes`` (None: nothing to add)."""
+        return self.spec.bench.note(shapes)
 
-            return fn
-
-        def xformers() -> Callable:
-            from xformers.ops import memory_efficient_attention
-
-            def fn(q, k, v, *, scale):  # xformers takes (B, N, H, D)
-                return memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  scale=scale).transpose(1, 2)
-
-            return fn
-
-        return [("peer:flash_attn", "flash_attn", flash_attn), ("peer:xformers", "xformers", xformers)]
+    def label(self, shape: Mapping) -> str:
+        return " ".join(f"{k}{_cell(shape[k])}" for k in self.shape_keys)
 
 
-class LayerNormBench(OpBench):
-    name, metric, shape_keys = "layer_norm", "GB/s", ("B", "N", "C")
-
-    def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
-        return self._from_presets(quick, gpu, [{"B": 256, "N": 197, "C": 768}],
-                                  [{"B": 8, "N": 65, "C": 192}, {"B": 2, "N": 197, "C": 384}])
-
-    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
-        return {"N": dims["N"], "C": dims["C"]}
-
-    def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
-        B, N, C = shape["B"], shape["N"], shape["C"]
-        t = {"x": torch.randn(B, N, C, device=device, dtype=dtype),
-             "weight": 1 + 0.1 * torch.randn(C, device=device, dtype=dtype),
-             "bias": 0.1 * torch.randn(C, device=device, dtype=dtype)}
-        return Inputs(t, ("x", "weight", "bias"), lambda t: ((t["x"], t["weight"], t["bias"]), {"eps": 1e-6}))
-
-    def flops(self, shape: dict[str, int], mode: str) -> int:
-        # about 8 per element forward (mean, variance, normalize, affine) and 12 backward; memory-bound
-        m = shape["B"] * shape["N"] * shape["C"]
-        return 8 * m if mode == "fwd" else 20 * m
-
-    def bytes(self, shape: dict[str, int], mode: str, elem: int) -> int:
-        # forward reads x, weight, bias and writes y; the backward reads x, dy, weight and writes dx, dweight,
-        # dbias (per-row statistics, M * 8 bytes, left out: a kernel may recompute them).
-        mc, c = shape["B"] * shape["N"] * shape["C"], shape["C"]
-        fwd = (2 * mc + 2 * c) * elem
-        return fwd if mode == "fwd" else fwd + (3 * mc + 3 * c) * elem
-
-    def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
-        return [("eager:F.layer_norm", _layer_norm_eager, contextlib.nullcontext)]
-
-    def compiled_baseline(self) -> tuple[str, Callable]:
-        return "compiled:F.layer_norm", _layer_norm_eager
-
-    def peers(self) -> list[tuple[str, str, Callable[[], Callable]]]:
-        def liger() -> Callable:
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-            return lambda x, w, b, *, eps: LigerLayerNormFunction.apply(x, w, b, eps)
-
-        return [("peer:liger", "liger_kernel", liger)]
+def _cell(v: object) -> str:
+    return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-class LayerNormMlpBench(OpBench):
-    name, metric, shape_keys = "layernorm_mlp", "TFLOP/s", ("B", "N", "C", "hidden")
+class _Benches(Mapping):
+    """op -> its :class:`OpBench`, for every declared op with a ``bench``, read from the registry when asked (an op
+    declared later, such as a test's, is found too)."""
 
-    def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
-        return self._from_presets(
-            quick, gpu,
-            [{"B": 64, "N": 197, "C": 768, "hidden": 3072}],
-            [{"B": 8, "N": 65, "C": 192, "hidden": 384}, {"B": 2, "N": 197, "C": 192, "hidden": 768}])
+    def __getitem__(self, op: str) -> OpBench:
+        if op not in backends.ops() or backends.spec(op).bench is None:
+            raise KeyError(op)
+        return OpBench(op)
 
-    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
-        return {"N": dims["N"], "C": dims["C"], "hidden": dims["hidden"]}
+    def __iter__(self) -> Iterator[str]:
+        return iter([op for op in backends.ops() if backends.spec(op).bench is not None])
 
-    def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
-        B, N, C, Hd = shape["B"], shape["N"], shape["C"], shape["hidden"]
-
-        def r(*s: int, scale: float = 1.0) -> torch.Tensor:
-            return scale * torch.randn(*s, device=device, dtype=dtype)
-
-        t = {"x": r(B, N, C), "ln_weight": 1 + r(C, scale=0.1), "ln_bias": r(C, scale=0.1),
-             "fc1_weight": r(Hd, C, scale=C**-0.5), "fc1_bias": r(Hd, scale=0.1),
-             "fc2_weight": r(C, Hd, scale=Hd**-0.5), "fc2_bias": r(C, scale=0.1)}
-        names = tuple(t)
-        # the model's call: the residual is the block's input itself
-        return Inputs(t, names, lambda t: (tuple(t[n] for n in names), {"eps": 1e-6, "residual": t["x"]}))
-
-    def flops(self, shape: dict[str, int], mode: str) -> int:
-        # forward: fc1 and fc2, 2 * M * C * hidden each; backward: input and weight gradients of both, twice
-        # the forward. LayerNorm, GELU, bias and residual (O(M * hidden)) are left out.
-        fwd = 4 * shape["B"] * shape["N"] * shape["C"] * shape["hidden"]
-        return fwd if mode == "fwd" else 3 * fwd
-
-    def bytes(self, shape: dict[str, int], mode: str, elem: int) -> int:
-        # forward reads x (also the residual) and the parameters, writes the output; the hidden activation
-        # need not leave the chip. The backward reads dout, x and the weights, writes dx and the parameter
-        # gradients.
-        mc, c, hd = shape["B"] * shape["N"] * shape["C"], shape["C"], shape["hidden"]
-        params = 2 * c * hd + hd + 3 * c
-        fwd = (2 * mc + params) * elem
-        return fwd if mode == "fwd" else fwd + (3 * mc + 2 * c * hd + params) * elem
-
-    def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
-        return [("eager", _mlp_eager, contextlib.nullcontext)]
-
-    def compiled_baseline(self) -> tuple[str, Callable]:
-        return "compiled", _mlp_eager
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-class PatchEmbedBench(OpBench):
-    name, metric, shape_keys = "patch_embed", "TFLOP/s", ("B", "img", "P", "E")
-
-    def shapes(self, quick: bool, gpu: bool) -> list[dict[str, int]]:
-        return self._from_presets(
-            quick, gpu,
-            [{"B": 256, "in_chans": 3, "img": 224, "P": 16, "E": 768}],
-            [{"B": 8, "in_chans": 3, "img": 32, "P": 4, "E": 192},
-             {"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 192}])
-
-    def model_shape(self, dims: dict[str, int]) -> dict[str, int]:
-        return {"in_chans": dims["in_chans"], "img": dims["img"], "P": dims["P"], "E": dims["C"]}
-
-    def tokens(self, shape: dict[str, int]) -> int:
-        return (shape["img"] // shape["P"]) ** 2 + 1
-
-    def make(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> Inputs:
-        B, Ci, img, P, E = shape["B"], shape["in_chans"], shape["img"], shape["P"], shape["E"]
-        n = (img // P) ** 2
-        t = {"images": torch.randn(B, Ci, img, img, device=device, dtype=dtype),
-             "weight": torch.randn(E, Ci, P, P, device=device, dtype=dtype) * (Ci * P * P) ** -0.5,
-             "bias": 0.02 * torch.randn(E, device=device, dtype=dtype),
-             "cls_token": 0.02 * torch.randn(1, 1, E, device=device, dtype=dtype),
-             "pos_embed": 0.02 * torch.randn(1, 1 + n, E, device=device, dtype=dtype)}
-        # the images need no gradient, as in the model
-        return Inputs(t, ("weight", "bias", "cls_token", "pos_embed"), lambda t: (
-            (t["images"], t["weight"], t["bias"]), {"cls_token": t["cls_token"], "pos_embed": t["pos_embed"]}))
-
-    def flops(self, shape: dict[str, int], mode: str) -> int:
-        # a GEMM of (B * N) x (C * P * P) x E; the backward computes the weight gradient only
-        n = (shape["img"] // shape["P"]) ** 2
-        fwd = 2 * shape["B"] * n * shape["in_chans"] * shape["P"] ** 2 * shape["E"]
-        return fwd if mode == "fwd" else 2 * fwd
-
-    def bytes(self, shape: dict[str, int], mode: str, elem: int) -> int:
-        # forward reads images, weight, bias, class token, position embedding and writes the tokens; the
-        # backward reads dout and the images and writes the four parameter gradients.
-        B, img, E = shape["B"], shape["img"], shape["E"]
-        n1 = (img // shape["P"]) ** 2 + 1
-        images, weight = B * shape["in_chans"] * img * img, E * shape["in_chans"] * shape["P"] ** 2
-        params = weight + 2 * E + n1 * E
-        fwd = (images + params + B * n1 * E) * elem
-        return fwd if mode == "fwd" else fwd + (B * n1 * E + images + params) * elem
-
-    def baselines(self) -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager]]]:
-        return [("eager", _patch_embed_eager, contextlib.nullcontext)]
-
-    def compiled_baseline(self) -> tuple[str, Callable]:
-        return "compiled", _patch_embed_eager
+OP_BENCHES: Mapping[str, OpBench] = _Benches()
+OPS: tuple[str, ...] = tuple(OP_BENCHES)  # the benchmarked ops declared at import (the CLI's choices)
 
 
-OP_BENCHES: dict[str, OpBench] = {b.name: b for b in (AttentionBench(), LayerNormBench(), LayerNormMlpBench(),
-                                                        PatchEmbedBench())}
-OPS: tuple[str, ...] = tuple(OP_BENCHES)
+def default_ops(device: torch.device) -> list[str]:
+    """What a run measures when no ops are named: every benchmarked op on a GPU, those not ``gpu_only`` on CPU."""
+    return [op for op in OP_BENCHES if device.type == "cuda" or not OP_BENCHES[op].spec.bench.gpu_only]

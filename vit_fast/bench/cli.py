@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from vit_fast.bench.analysis import format_comparison
 from vit_fast.bench.cases import OPS
+from vit_fast.bench.cpu_targets import cpu_target_status
 from vit_fast.bench.report import summary_table
 from vit_fast.bench.runner import DEFAULT_OUT, BenchConfig, run
 from vit_fast.bench.targets import target_status
@@ -22,8 +23,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``vit-fast bench``."""
     parser.add_argument("--quick", action="store_true", help="a few shapes per op and one model (minutes, not hours)")
     parser.add_argument("--ops", nargs="+", metavar="OP",
-                        help="ops to measure, space- or comma-separated, or 'none' (default: attention layer_norm "
-                        "layernorm_mlp patch_embed)")
+                        help=f"ops to measure, space- or comma-separated, or 'none' (default: every one, "
+                        f"{' '.join(OPS)}; on CPU less the fp8 ones, whose e4m3 math is emulated there)")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="model presets to measure, or 'none' (default: vit_base_patch16_224 on CUDA, "
                         "vit_tiny_patch4_32 on CPU; more in a full run)")
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     """``vit-fast bench``: exit status 1 when one of vit_fast's providers failed (crashed or disagreed with
     the reference; a baseline that fails is reported, not fatal), 130 when interrupted."""
     ops_, models = parse_list(args.ops), parse_list(args.models)
-    cfg = BenchConfig(quick=args.quick, ops=[] if ops_ == ["none"] else ops_ or list(OPS),
+    cfg = BenchConfig(quick=args.quick, ops=[] if ops_ == ["none"] else ops_ or None,
                       models=None if args.models is None else [] if models == ["none"] else models,
                       dtypes=parse_list(args.dtype) or None, device=args.device, out=args.out,
                       batch_size=args.batch_size, compile=not args.no_compile, budget_s=args.budget_s,
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     print(summary_table(results))
     if results.get("comparison"):
         print(format_comparison(results["comparison"]))
-    for t in target_status(results):
+    for t in [*target_status(results), *cpu_target_status(results)]:
         print(f"target {t['target']}: {t['status']}" + (f" ({t['measured']})" if t["measured"] != "-" else ""))
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and {len(results.get('plots', []))} plots "
           f"in {results['config']['elapsed_s']:.0f} s")

@@ -1,12 +1,15 @@
 """The end-to-end benchmark: inference and a training step of whole models, vit_fast per backend and
-compiled, against timm's same model, eager and compiled."""
+compiled, against timm's same model, eager and compiled; on CPU also vit_fast's measured pick, PT2E int8, bf16 and
+torch.compile with freezing, ONNX Runtime and OpenVINO (:mod:`vit_fast.bench.cpu_rows`)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib.util
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 
 import vit_fast
 from vit_fast.backends import dtype_name
+from vit_fast.bench import cpu_rows
 from vit_fast.bench.cases import patch_size, seed
 from vit_fast.bench.measure import Budget, check_and_time, compiled, derive, new_row
 from vit_fast.bench.providers import Provider, backend_providers, compile_skip
@@ -151,7 +155,9 @@ def model_providers(device: torch.device, dtype: torch.dtype, *, quick: bool, al
     out.append(Provider("timm:eager", "baseline", _timm_copy, skip=tskip))
     out.append(Provider("compiled:timm", "baseline", _timm_copy, compile=True, skip=tskip or cskip,
                         train_skip=ctrain))
-    return out + inference_providers(device, dtype, allow_compile=allow_compile)
+    cpu = cpu_rows.cpu_providers(device, quick=quick, allow_compile=allow_compile, timm_copy=_timm_copy,
+                                 timm_skip=tskip)
+    return out + inference_providers(device, dtype, allow_compile=allow_compile) + cpu
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -196,9 +202,19 @@ class _ModelCase:
         self.expect = (same, oracle)
         self._quantized_expect: dict[str, tuple] = {}
 
-    def expect_for(self, p: Provider) -> tuple:
+    def expect_for(self, p: Provider, kind: str | None = None) -> tuple:
         """What a provider is checked against. A quantized model is held to its own error: the same quantized
-        model on the reference backend is the "same dtype" result the scale-aware rule measures from."""
+        model on the reference backend is the "same dtype" result the scale-aware rule measures from. The CPU
+        rows in bf16 or PT2E int8 have theirs (``kind``, :func:`cpu_rows.expect_kind`)."""
+        kind = kind or cpu_rows.expect_kind(p)
+        if kind is not None and kind != "fp32" and self.mode == "inference" and not p.skip:
+            if kind == "int8":
+                return self.expect_for(dataclasses.replace(p, name="vit_fast:int8"))
+            if kind not in self._quantized_expect:
+                with vit_fast.set_backend("reference"):
+                    self._quantized_expect[kind] = ([cpu_rows.yardstick(kind, self.base, self.images)],
+                                                    self.expect[1])
+            return self._quantized_expect[kind]
         fmt = next((f for f in ("int8", "fp8") if p.name.endswith(f":{f}")), None)
         if fmt is None or self.mode != "inference" or p.skip:
             return self.expect
@@ -217,8 +233,9 @@ class _ModelCase:
         """(first call: the outputs or gradients to check, one timed step) for the provider's model."""
         model = p.fn(self.cfg, self.base)
         if self.mode == "inference":
-            net = compiled(model.to(self.dtype).eval(), p)
-            x = self.images.to(self.dtype)
+            dtype = p.dtype or self.dtype
+            net = compiled(model.to(dtype).eval(), p)
+            x = self.images.to(dtype)
 
             def infer() -> list[torch.Tensor]:
                 with torch.no_grad():
@@ -238,6 +255,34 @@ class _ModelCase:
         return (lambda: _train_grads(net, self.images, self.labels, self.amp)), train_step
 
 
+def _searched(p: Provider, row: dict, base: torch.nn.Module, batch: int, budget: Budget | None
+              ) -> tuple[Provider, str | None]:
+    """The CPU path search's row: search at the case's batch (its time recorded apart, as compile time is), then
+    the provider that runs the pick and the kind of yardstick the pick is checked against."""
+    if budget is not None and budget.left() < 120:
+        return dataclasses.replace(p, skip="time budget (--budget-s) used up"), None
+    t0 = time.perf_counter()
+    try:
+        pick, fn = p.fn(base, batch)  # cpu_rows.search_pick with the run's --quick and --no-compile
+    except Exception as e:  # noqa: BLE001 - recorded as the row's failure, the run goes on
+        return dataclasses.replace(p, fn=_raise(e)), None
+    chosen = pick.picks[batch]
+    row.update(pick=chosen, search_s=time.perf_counter() - t0, search=pick.to_json(), peak_key=_peak_of(chosen),
+               precision=f"picked: {chosen}")
+    return dataclasses.replace(p, fn=fn), cpu_rows.PICK_KIND.get(chosen)
+
+
+def _peak_of(pick: str) -> str:
+    return "int8" if "int8" in pick else "bfloat16" if "bf16" in pick else "float32"
+
+
+def _raise(e: BaseException) -> Callable:
+    def fn(cfg: ViTConfig, base: torch.nn.Module) -> torch.nn.Module:
+        raise e
+
+    return fn
+
+
 def bench_model(name: str, batch: int, dtype: torch.dtype, device: torch.device, providers: Sequence[Provider],
                 modes: Sequence[str], timer: Timer, peaks: dict, budget: Budget | None = None,
                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
@@ -252,9 +297,14 @@ def bench_model(name: str, batch: int, dtype: torch.dtype, device: torch.device,
     for mode in modes:
         case = _ModelCase(cfg, base, images, labels, mode, dtype)
         for p in providers:
-            row = new_row("model", name, p, mode, dtype, {"B": batch}, f"B{batch}")
-            row.update(batch=batch, precision=case.precision())
-            timing = check_and_time(row, p, partial(case.prepare, p), case.expect_for(p), dtype, timer, budget,
+            row = new_row("model", name, p, mode, p.dtype or dtype, {"B": batch}, f"B{batch}")
+            row.update(batch=batch, precision=cpu_rows.PRECISION.get(p.name) or (
+                case.precision() if p.dtype is None else f"{dtype_name(p.dtype)} weights"))
+            kind = cpu_rows.expect_kind(p)
+            if p.name == cpu_rows.OPTIMIZED and mode == "inference" and not p.skip:
+                p, kind = _searched(p, row, base, batch, budget)
+            timing = check_and_time(row, p, partial(case.prepare, p), case.expect_for(p, kind),
+                                    cpu_rows.check_dtype(kind, dtype), timer, budget,
                                     skip=p.train_skip if mode == "train" else None,
                                     reserve_s=120 if p.compile else 5, heavy=True)
             gc.collect()  # the provider's model and optimizer are gone: give their memory back

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vit_fast import cpu_features
 from vit_fast.backends import dtype_name
 from vit_fast.bench.timing import CPU_WORKING_SET, Timer
 
@@ -15,11 +16,15 @@ def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dty
     """The ceilings of this machine, measured now. Each is the fastest repeat: a peak is what the machine can
     reach.
 
-    - FLOP/s: a large matmul per dtype of the run (and bf16 on CUDA); per dtype because the dtypes differ by
-      several times (tensor cores, AMX). On CPU the faster of that and a patch-embedding convolution, which
-      oneDNN runs faster than MKL's matmul. The quantized models' rows have their own: fbgemm's dynamic int8
-      Linear on CPU (its per-call activation quantization is O(n^2) beside the O(n^3) GEMM), and the e4m3
-      ``_scaled_mm`` on a GPU with FP8 tensor cores.
+    - FLOP/s: a large matmul per dtype of the run, and bf16 on CUDA and on CPUs with native bf16 (AMX or
+      AVX-512 BF16: the bf16 rows of the CPU model benchmark are fractions of it); per dtype because the dtypes
+      differ by several times (tensor cores, AMX). On CPU the faster of that and a patch-embedding
+      convolution, which oneDNN runs faster than MKL's matmul. A CPU without native bf16 gets no bf16 peak (its
+      emulated bf16 matmul is 60x slower than fp32 on an AVX2 EPYC: minutes at this size), and ``peaks_skipped``
+      says so. The quantized models' rows have their own: on CPU the faster of fbgemm's dynamic int8 Linear (its
+      per-call activation quantization is O(n^2) beside the O(n^3) GEMM) and, on CPUs with an int8 dot-product
+      unit (AMX-INT8, VNNI), oneDNN's s8 x s8 -> s32 ``torch._int_mm`` that PT2E's kernels use; on a GPU with
+      FP8 tensor cores the e4m3 ``_scaled_mm``.
     - Bandwidth: the best of a large copy (bytes read + written), a large reduction (bytes read) and, on CPU,
       a copy from the rotated working set into a small buffer that stays in cache: an op's fresh output
       usually lands in a recently freed, cached block while its rotated inputs come from memory, and this
@@ -28,19 +33,24 @@ def measure_peaks(device: torch.device, timer: Timer, dtypes: Sequence[torch.dty
     """
     cuda = device.type == "cuda"
     n = 8192 if cuda else (1024 if timer.quick else 2048)
-    matmul = {}
-    for dt in dict.fromkeys([*([torch.bfloat16] if cuda else []), *dtypes]):
+    matmul, skipped = {}, {}
+    features = None if cuda else cpu_features.cpu_features()
+    wanted = [*([torch.bfloat16] if cuda or features.native_bf16 else []), *dtypes]
+    for dt in dict.fromkeys(wanted):
+        if not cuda and dt in (torch.bfloat16, torch.float16) and not features.native_bf16:
+            skipped[dtype_name(dt)] = features.why_no_bf16()
+            continue
         a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
         ms = timer.best_ms(lambda a=a, b=b: torch.mm(a, b))
         matmul[dtype_name(dt)] = 2 * n**3 / (ms * 1e-3) / 1e12
         if not cuda:
             matmul[dtype_name(dt)] = max(matmul[dtype_name(dt)], _conv_peak(timer, dt))
-    matmul.update(_quantized_peaks(device, timer, n))
+    matmul.update(_quantized_peaks(device, timer, n, features))
     nbytes = 2**30 if cuda else CPU_WORKING_SET
     bandwidth = _bandwidth_peaks(device, timer, nbytes)
     if cuda:
         torch.cuda.empty_cache()
-    return {"matmul_tflops": matmul, "matmul": f"{n}x{n}x{n}", "bandwidth": bandwidth,
+    return {"matmul_tflops": matmul, "matmul": f"{n}x{n}x{n}", "peaks_skipped": skipped, "bandwidth": bandwidth,
             "bandwidth_of": f"{nbytes // 2**20} MiB {'device memory' if cuda else 'working set'}",
             "bandwidth_gbps": max(bandwidth.values())}
 
@@ -59,12 +69,18 @@ def _conv_peak(timer: Timer, dtype: torch.dtype) -> float:
 
 
 def peak_key(row: dict) -> str:
-    """The ``matmul_tflops`` entry a row's FLOP/s is a fraction of: its quantization format, else its dtype."""
+    """The ``matmul_tflops`` entry a row's FLOP/s is a fraction of: the row's own ``peak_key`` where it sets one
+    (the CPU path search's row: its pick's), else its quantization format (int8 PT2E under bf16 autocast runs its
+    GEMMs in int8), else its dtype."""
+    if row.get("peak_key"):
+        return row["peak_key"]
     fmt = str(row.get("provider", "")).rpartition(":")[2]
-    return fmt if fmt in ("int8", "fp8") else row["dtype"]
+    if fmt.startswith("int8"):
+        return "int8"
+    return fmt if fmt == "fp8" else row["dtype"]
 
 
-def _quantized_peaks(device: torch.device, timer: Timer, n: int) -> dict[str, float]:
+def _quantized_peaks(device: torch.device, timer: Timer, n: int, features: object | None) -> dict[str, float]:
     from vit_fast import quantization
 
     formats = quantization.supported_formats(device)
@@ -74,6 +90,10 @@ def _quantized_peaks(device: torch.device, timer: Timer, n: int) -> dict[str, fl
         packed, x = linear._pack(), torch.randn(n, n)
         ms = timer.best_ms(lambda: torch.ops.quantized.linear_dynamic(x, packed, linear.reduce_range))
         out["int8"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        if features.int8_dot:  # without VNNI/AMX, torch._int_mm is a slow reference loop (8 s at 1024 here)
+            a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
+            ms = timer.best_ms(lambda: torch._int_mm(a, b))
+            out["int8"] = max(out["int8"], 2 * n**3 / (ms * 1e-3) / 1e12)
     if device.type == "cuda" and formats["fp8"] is None:
         a, b = (torch.randn(n, n, device=device).to(torch.float8_e4m3fn) for _ in range(2))
         one = torch.ones((), device=device)

@@ -28,6 +28,7 @@ class Provider:
     skip: str | None = None
     factory: Callable[[], Callable] | None = None  # peers: built on first use, so a broken install is a skip
     train_skip: str | None = None  # models: why the training step is not measured
+    dtype: torch.dtype | None = None  # models: the dtype it runs and is checked in, when not the case's (CPU bf16 rows)
 
 
 def backend_providers(fn: Callable, device: torch.device) -> list[Provider]:

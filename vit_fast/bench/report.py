@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from vit_fast.bench.analysis import case_key, format_comparison
 from vit_fast.bench.cases import OP_BENCHES
+from vit_fast.bench.cpu_targets import cpu_target_status
 from vit_fast.bench.targets import target_status
 
 
@@ -27,6 +28,15 @@ def targets_table(results: dict | None) -> str:
     """Where each speed target stands in ``results`` (None: no run), as a markdown table."""
     return md_table(["target", "required", "measured", "status"],
                     [(t["target"], t["required"], t["measured"], t["status"]) for t in target_status(results)])
+
+
+def cpu_machine(results: dict) -> str | None:
+    """The CPU's features line of the machine section (None for a run without a CPU entry)."""
+    cpu = next((d for d in results["environment"].get("devices", []) if d.get("device") == "cpu"), None)
+    if cpu is None or "features" not in cpu:
+        return None
+    bf16 = "native bf16" if cpu.get("native_bf16") else "no native bf16 (bf16 rows and peak skipped)"
+    return f"{cpu['name']}: {', '.join(cpu['features']) or 'none of AVX2/AVX-512/AMX'}; {bf16}"
 
 
 def metric(r: dict) -> tuple[str, str]:
@@ -96,15 +106,29 @@ def render_report(results: dict) -> str:
                      f"Python {env['python']}"),
         ("run", f"{'quick' if results['config']['quick'] else 'full'}; dtypes {', '.join(results['config']['dtypes'])}"
                 f"; {results['config']['elapsed_s']:.0f} s"),
+        *([("CPU", cpu_machine(results))] if dev["type"] == "cpu" and cpu_machine(results) else []),
         ("timing", results["config"]["timer"]),
         ("peaks", "matmul " + ", ".join(f"{v:.3g} TFLOP/s {k}" for k, v in peaks["matmul_tflops"].items())
                   + f" ({peaks['matmul']}); bandwidth " + ", ".join(f"{k} {v:.4g} GB/s" for k, v in
                                                                   peaks["bandwidth"].items())
-                  + f" ({peaks['bandwidth_of']})"),
+                  + f" ({peaks['bandwidth_of']})" + "".join(f"; no {k} peak: {why}" for k, why in
+                                                          peaks.get("peaks_skipped", {}).items())),
     ]))
     for note in results.get("notes", []):
         out += ["", f"> {note}"]
     out += ["", "## Targets", "", targets_table(results)]
+    cpu_targets = cpu_target_status(results)
+    if cpu_targets:
+        out += ["", "## CPU targets", "", "Fastest row of each side, images/s, same run (issue 21; a missed target is "
+                "reported, not a failure).", "",
+                md_table(["target", "required", "measured", "status"],
+                         [(t["target"], t["required"], t["measured"], t["status"]) for t in cpu_targets])]
+    picks = [r for r in rows if r.get("search")]
+    for r in picks:
+        out += ["", f"CPU path search for {r['name']} {r['shape_label']}: picked {r['pick']} in "
+                f"{r['search_s']:.0f} s; " + "; ".join(
+                    f"{t['name']} {t['status']}" + (f" ({t['reason']})" if t["reason"] else "")
+                    + "".join(f" {float(ms):.3g} ms" for ms in t["ms"].values()) for t in r["search"]["trials"])]
     models = [r for r in rows if r["kind"] == "model" and r["status"] == "ok"]
     if models:
         out += ["", "## Models", "", "Speedup over the fastest timm provider of the same row group; "

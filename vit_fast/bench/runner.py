@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vit_fast.backends import dtype_name
-from vit_fast.bench.analysis import add_speedups, compare_results
-from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES, OPS
+from vit_fast.bench.analysis import add_speedups, compare_results, read_results
+from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES, OPS, default_ops
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.models import MODEL_MODES, bench_model, default_batch, default_models, model_providers
 from vit_fast.bench.peaks import measure_peaks
@@ -35,7 +35,7 @@ class BenchConfig:
     """What one ``vit-fast bench`` run measures (the flags: :mod:`vit_fast.bench.cli`)."""
 
     quick: bool = False
-    ops: list[str] = field(default_factory=lambda: list(OPS))
+    ops: list[str] | None = None  # None: the device's defaults (cases.default_ops)
     models: list[str] | None = None  # None: the defaults for the device
     dtypes: list[str] | None = None  # None: bfloat16 (+ float16, float32 in a full run) on CUDA, float32 on CPU
     device: str | None = None
@@ -61,6 +61,8 @@ class BenchConfig:
                 device = torch.device("cuda", torch.cuda.current_device())
             if device.index >= torch.cuda.device_count():
                 raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if self.ops is None:
+            self.ops = default_ops(device)
         unknown = [o for o in self.ops if o not in OPS]
         if unknown:
             raise ValueError(f"--ops: unknown op(s) {unknown}; choose from {', '.join(OPS)} (or none)")
@@ -93,6 +95,7 @@ def run(cfg: BenchConfig) -> dict:
 
 def _run(cfg: BenchConfig) -> dict:
     device, dtypes, models = cfg.resolve()
+    earlier = read_results(cfg.compare) if cfg.compare else None  # a broken file fails now, not after the run
     if device.type == "cuda":
         torch.cuda.set_device(device)
     start = time.perf_counter()
@@ -139,7 +142,7 @@ def _run(cfg: BenchConfig) -> dict:
                 op_plan.append((op, shape, dtype, later if cfg.quick and i else provs))
     model_dtype = dtypes[0]
     mprovs = model_providers(device, model_dtype, quick=cfg.quick, allow_compile=cfg.compile)
-    total = sum(len(p) * len(OP_MODES) for *_, p in op_plan) + len(models) * len(mprovs) * len(MODEL_MODES)
+    total = sum(len(p) * len(op.modes) for op, *_, p in op_plan) + len(models) * len(mprovs) * len(MODEL_MODES)
     bar = progress(total + 1, cfg.progress)
     results["peaks"] = measure_peaks(device, timer, dtypes)
     bar.update(1)
@@ -167,9 +170,8 @@ def _run(cfg: BenchConfig) -> dict:
     finally:
         bar.close()
         save()
-    if cfg.compare:
-        with open(cfg.compare) as f:
-            results["comparison"] = compare_results(json.load(f), results)
+    if earlier is not None:
+        results["comparison"] = compare_results(earlier, results)
     try:
         results["plots"] = write_plots(results, cfg.out)
     except ImportError as e:

@@ -65,13 +65,21 @@ def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")  # the device types autocast is asked about (meta and fake-free ones have none)
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (never for a type autocast does not know, such as meta)."""
+    return device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type)
+
+
 def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``t`` runs in: autocast's when autocast is on for t's device, else t's own.
 
     Custom ops do not see autocast, so the backends' wrappers cast their GEMM operands to this themselves.
     """
     device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+    return torch.get_autocast_dtype(device) if autocast_on(t.device) else t.dtype
 
 
 

@@ -242,13 +242,26 @@ def load_datasets(
         train, test = _cifar(name, _require_dir(data_dir, name))
     else:
         root = _require_dir(data_dir, name)
-        train, test = torchvision.datasets.ImageFolder(root / "train"), torchvision.datasets.ImageFolder(root / "val")
+        train = torchvision.datasets.ImageFolder(root / "train", loader=read_image)
+        test = torchvision.datasets.ImageFolder(root / "val", loader=read_image)
         if train.classes != test.classes:
             raise ValueError(f"{root}/train and {root}/val must hold the same class folders; got "
                              f"{len(train.classes)} and {len(test.classes)} (first differences: "
                              f"{sorted(set(train.classes) ^ set(test.classes))[:5]})")
     return (TransformedDataset(train, train_transform(info, img_size, aug)),
             TransformedDataset(test, eval_transform(info, img_size)), info)
+
+
+def read_image(path: str) -> object:
+    """An ImageFolder file as an RGB PIL image (torchvision's loader); a file that does not decode raises a
+    ValueError naming it (PIL's own errors do not, and a decoder may raise any type on a broken file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, struct.error, ...: all mean an unreadable file
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def _digits() -> tuple[Dataset, Dataset]:

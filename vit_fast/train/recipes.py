@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vit_fast.train.distributed import STRATEGIES
+
 DESCRIPTION = ("Training: ``vit-fast train`` and ``python -m vit_fast.train``, on one CPU or under ``torchrun`` "
                "on many GPUs.")
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
@@ -60,7 +62,8 @@ GLOBAL_DEFAULTS: dict[str, object] = dict(
 )
 # What may differ in a resumed run: where and how it runs, not what it computes.
 RUNTIME_KEYS = frozenset({"out", "resume", "data_dir", "device", "workers", "compile", "grad_checkpointing",
-                          "backend", "ckpt_every", "keep_ckpts", "log_every", "progress", "threads"})
+                          "backend", "ckpt_every", "keep_ckpts", "log_every", "progress", "threads", "strategy",
+                          "cpu_offload", "dry_run"})
 # Model config fields (timm.create_model keywords too) that other flags or the dataset set, so --override may not.
 _OWNED_FIELDS = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "--img-size",
                  "drop_path_rate": "--drop-path"}
@@ -181,6 +184,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "set_grad_checkpointing (timm's) (default: off)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar on the first process (default: on)")
+
+    g = parser.add_argument_group("processes (torchrun)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="ddp",
+                   help="ddp: every process holds the whole model and optimizer, gradients are all-reduced; fsdp: "
+                        "FSDP2 shards them over the processes (fully_shard on each block, then the root; bf16 "
+                        "compute with fp32 gradient reduction on GPU under --precision bf16), checkpoints are "
+                        "torch.distributed.checkpoint directories. Either resumes the other's checkpoints, at any "
+                        "process count (default: ddp)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="with --strategy fsdp: keep the parameter shards, gradients and AdamW states in host "
+                        "memory and step the optimizer on the CPU (FSDP2's CPUOffloadPolicy) (default: off)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (model size, strategy, processes, estimated memory per process) and "
+                        "train nothing; the process count is torchrun's WORLD_SIZE, 1 outside it (default: off)")
     return parser
 
 
@@ -209,6 +226,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--layer-decay must be in (0, 1]; got {r.layer_decay}")
     if r.keep_ckpts < 1 or r.log_every < 1:
         raise ValueError("--keep-ckpts and --log-every must be >= 1")
+    if r.cpu_offload and r.strategy != "fsdp":
+        raise ValueError("--cpu-offload offloads FSDP's shards: it needs --strategy fsdp")
     r.override = list(r.override)
     return r
 

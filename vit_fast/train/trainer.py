@@ -19,23 +19,42 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import vit_fast
+from vit_fast.cpu_features import training_precision
 from vit_fast.fileio import atomic_write
 from vit_fast.model import count_params
 from vit_fast.train import data
 from vit_fast.train.checkpoints import (
     Progress,
+    full_model_state,
     list_checkpoints,
     load_newest_checkpoint,
+    read_checkpoint,
+    restore_model_and_optimizer,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
+    save_weights,
     seed_process,
     set_rng_state,
+    sharded_state,
     tidy_for_resume,
 )
-from vit_fast.train.distributed import Dist, all_reduce_sum, barrier, broadcast, gather, local_world_size, wrap_model
+from vit_fast.train.distributed import (
+    Dist,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    gather,
+    local_world_size,
+    shard_model,
+    wrap_model,
+)
+from vit_fast.train.memory import estimate_for_model, peak_bytes, resident_bytes, state_bytes
 from vit_fast.train.metrics import MetricsLog, plot_curves, read_metrics, truncate_metrics
 from vit_fast.train.models import build_model, config_of, default_img_size, enable_grad_checkpointing, family_of
 from vit_fast.train.optim import build_optimizer, build_scheduler
+from vit_fast.train.preemption import Preempted, StopSignals, ignore_stop_signals, shut_down_workers
 from vit_fast.train.recipes import adopt_saved_recipe, parse_overrides, recipe_of, resolve, resolve_precision
 
 
@@ -52,17 +71,19 @@ class _Step(NamedTuple):
 class Trainer:
     """One training process: its data, model, optimizer and counters; :meth:`fit` runs the loop."""
 
-    def __init__(self, args: argparse.Namespace, d: Dist, t0: float) -> None:
-        self.d, self.t0 = d, t0
+    def __init__(self, args: argparse.Namespace, d: Dist, t0: float, stop: StopSignals | None = None) -> None:
+        self.d, self.t0, self.stop = d, t0, stop
+        self.sharded = args.strategy == "fsdp"
         self._locate_run(args)
         ckpt = self._previous_run(args)
         self.args = resolve(args)
         self._configure_process(workers_given=args.workers is not None)
         self._build_data()
+        self.rss_before = resident_bytes()  # what the model, optimizer and steps add is measured from here
         self._build_model(fresh=ckpt is None)
         self._build_optimization()
         self._start_or_restore(ckpt)
-        self.train_model = wrap_model(self.model, d, self.args.compile)
+        self.train_model = wrap_model(self.model, d, self.args.compile, self.args.strategy)
 
     # ---------------------------------------------------------------------------------------- set-up
 
@@ -84,10 +105,14 @@ class Trainer:
             return None
         if args.out is None:
             raise ValueError("--resume needs --out, the directory of the run to continue")
-        ckpt = load_newest_checkpoint(self.ckpt_dir)
-        if self.d.main:
+        ckpt = None
+        if self.d.main:  # the first process picks, so that every process resumes from the same checkpoint
+            ckpt = load_newest_checkpoint(self.ckpt_dir)
             tidy_for_resume(self.ckpt_dir, ckpt)
             truncate_metrics(self.metrics_path, None if ckpt is None else ckpt["step"])
+        chosen = broadcast(None if ckpt is None else ckpt["path"], self.d)
+        if not self.d.main and chosen is not None:
+            ckpt = read_checkpoint(chosen)
         if ckpt is not None:
             adopt_saved_recipe(args, ckpt["recipe"])
         return ckpt
@@ -129,7 +154,7 @@ class Trainer:
         # An own generator: creating a loader iterator then leaves the model's random stream untouched.
         return DataLoader(dataset, batch_size=self.sampler.local_batch, sampler=sampler, num_workers=a.workers,
                           pin_memory=self.d.device.type == "cuda", persistent_workers=a.workers > 0,
-                          generator=torch.Generator().manual_seed(a.seed))
+                          generator=torch.Generator().manual_seed(a.seed), worker_init_fn=ignore_stop_signals)
 
     def _build_model(self, fresh: bool) -> None:
         """The network, on the device; ``--init`` weights only in a fresh run (a resumed one has its own)."""
@@ -141,6 +166,12 @@ class Trainer:
         if a.grad_checkpointing:
             enable_grad_checkpointing(model)
         self.model = model.to(self.d.device)
+        if a.precision == "auto" and self.d.device.type == "cpu":  # bf16 only where it is measured faster here
+            self.precision = broadcast(training_precision(self.model, self.sampler.local_batch, self.info.in_chans,
+                                                          self.img_size) if self.d.main else None, self.d)
+            self.amp_dtype = {"bf16": torch.bfloat16}.get(self.precision)
+        if self.sharded:  # before the optimizer is built: sharding replaces the parameters with DTensor shards
+            shard_model(self.model, self.d, precision=self.precision, compile=a.compile, cpu_offload=a.cpu_offload)
 
     def _build_optimization(self) -> None:
         a, device = self.args, self.d.device
@@ -153,14 +184,16 @@ class Trainer:
         self.progress = Progress()
         self.window: list[_Step] = []
         self.epoch_losses: list[float] = []
+        self.memory: dict | None = None  # this process's state bytes after its first step, then the logged record
+        self.saved_step = -1
         if ckpt is None:
             seed_process(self.args.seed, self.d.rank)
         else:
             self._restore(ckpt)
+            self.saved_step = self.progress.step
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        restore_model_and_optimizer(ckpt, self.model, self.optimizer, self.sharded)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_checkpoint(ckpt)
@@ -185,13 +218,16 @@ class Trainer:
         self.log = MetricsLog(self.metrics_path, self.d.main)
         self.bar = self._progress_bar()
         try:
-            start_epoch, start_batch = divmod(self.progress.step, self.steps_per_epoch)
-            for epoch in range(start_epoch, self.args.epochs):
-                self._run_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            try:
+                start_epoch, start_batch = divmod(self.progress.step, self.steps_per_epoch)
+                for epoch in range(start_epoch, self.args.epochs):
+                    self._run_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            finally:
+                self.bar.close()
+                self.log.close()
+            return self._finish()
         finally:
-            self.bar.close()
-            self.log.close()
-        return self._finish()
+            shut_down_workers(self.train_loader, self.test_loader)
 
     def _progress_bar(self) -> tqdm:
         a, d = self.args, self.d
@@ -219,10 +255,26 @@ class Trainer:
                 self._flush()
                 self._save_checkpoint(epoch)
                 self.t_window = time.perf_counter()
+            # an epoch's last step goes on to its evaluation and checkpoint, and the stop is taken after them
+            if step % self.steps_per_epoch and (signum := self._stop_agreed()):
+                self._flush()
+                self._stop(signum, epoch)
         self._flush()
         self.progress.last_eval = self.evaluate() | {"epoch": epoch + 1, "step": self.progress.step}
         self._log_epoch(epoch)
         self._save_checkpoint(epoch + 1)
+        if epoch + 1 < a.epochs and (signum := self._stop_agreed()):
+            self._stop(signum, epoch + 1)
+
+    def _stop_agreed(self) -> int:
+        """The signal any process received (0: none), agreed by all after the same step."""
+        return all_reduce_max(self.stop.received if self.stop is not None else 0, self.d)
+
+    def _stop(self, signum: int, epoch: int) -> None:
+        """Checkpoint this step (unless just done) and end the run with :class:`Preempted`."""
+        if self.saved_step != self.progress.step:
+            self._save_checkpoint(epoch)
+        raise Preempted(signum, self.progress.step, os.fspath(self._checkpoint_path(self.progress.step)))
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.d.device.type, dtype=self.amp_dtype or torch.float32,
@@ -256,6 +308,8 @@ class Trainer:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.memory is None:  # every state exists now, the gradients until zero_grad below
+            self.memory = state_bytes(self.model, self.optimizer)
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale  # fp16 overflow: step skipped
         self.progress.skipped += skipped
         with warnings.catch_warnings():
@@ -293,7 +347,23 @@ class Trainer:
         self.log.write(records)
         self._show(records[-1])
         self.window = []
+        if self.memory is not None and "kind" not in self.memory:
+            self._log_memory(records[-1]["step"])
         self.t_window = time.perf_counter()
+
+    def _log_memory(self, step: int) -> None:
+        """One metrics line: every process's state bytes and peak memory so far, beside the estimate."""
+        a, d = self.args, self.d
+        peak, how = peak_bytes(d.device, self.rss_before)
+        per_rank = gather({**self.memory, "peak": peak}, d)
+        est = estimate_for_model(self.model, strategy=a.strategy, world_size=d.world_size,
+                                 compute_bytes=2 if self.amp_dtype is not None else 4, offload=a.cpu_offload)
+        self.memory = {"kind": "memory", "step": step, "strategy": a.strategy, "world_size": d.world_size,
+                       "state_bytes": [{k: r[k] for k in ("weights", "grads", "optimizer")} for r in per_rank],
+                       "peak_bytes": [r["peak"] for r in per_rank], "peak_measure": how,
+                       "estimate": {"weights": est.weights, "grads": est.grads, "optimizer": est.optimizer,
+                                    "transient": est.transient}}
+        self.log.write([self.memory])
 
     def _show(self, rec: dict) -> None:
         post = {"loss": f"{rec['loss']:.4f}", "acc": f"{rec['acc']:.3f}", "lr": f"{rec['lr']:.2e}",
@@ -317,6 +387,12 @@ class Trainer:
             sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
                                  hits[:, 0].sum().double(), hits.any(-1).sum().double(),
                                  torch.tensor(float(len(labels)), dtype=torch.float64, device=d.device)])
+        if self.sharded:  # every forward all-gathers: a process with a shorter shard joins the others' last ones
+            batches = len(self.test_loader)
+            blank = torch.zeros(1, self.info.in_chans, self.img_size, self.img_size, device=d.device)
+            for _ in range(all_reduce_max(batches, d) - batches):
+                with self._autocast():
+                    self.model(blank)
         self.model.train()
         loss, top1, top5, n = all_reduce_sum(sums, d).tolist()
         return {"test_loss": loss / n, "test_top1": top1 / n, "test_top5": top5 / n}
@@ -334,27 +410,45 @@ class Trainer:
     def _wall(self) -> float:
         return self.progress.wall_before + time.perf_counter() - self.t0
 
+    def _checkpoint_path(self, step: int) -> Path:
+        return self.ckpt_dir / (f"step_{step:08d}" if self.sharded else f"step_{step:08d}.pt")
+
     def _save_checkpoint(self, epoch: int) -> None:
-        """Every process's random state is gathered; the first process writes the checkpoint."""
-        states = gather(rng_state(self.d.device), self.d)
-        if not self.d.main:
-            return
-        save_checkpoint(self.ckpt_dir, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": states,
-            "epoch": epoch, "config": config_of(self.model), "recipe": recipe_of(self.args),
-            **self.progress.to_checkpoint(self._wall()),
-        }, keep=self.args.keep_ckpts)
+        """Every process's random state is gathered; under FSDP every process writes its shards and the first
+        the rest, otherwise the first process writes it all. A failed write raises in every process."""
+        a, d = self.args, self.d
+        states = gather(rng_state(d.device), d)
+        state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": states,
+                 "epoch": epoch, "config": config_of(self.model), "recipe": recipe_of(a), "strategy": a.strategy,
+                 "world_size": d.world_size, **self.progress.to_checkpoint(self._wall())}
+        if self.sharded:
+            tensors, param_groups = sharded_state(self.model, self.optimizer)
+            save_sharded_checkpoint(self.ckpt_dir, self.progress.step, tensors,
+                                    {**state, "param_groups": param_groups} if d.main else None, a.keep_ckpts, d)
+        else:
+            failure = None
+            if d.main:
+                try:
+                    save_checkpoint(self.ckpt_dir, {"model": self.model.state_dict(),
+                                                    "optimizer": self.optimizer.state_dict(), **state},
+                                    keep=a.keep_ckpts)
+                except OSError as e:
+                    failure = e
+            failure = broadcast(failure, d)  # the others must not wait in a collective the first one left
+            if failure is not None:
+                raise failure
+        self.saved_step = self.progress.step
 
     # ---------------------------------------------------------------------------------------- outputs
 
     def _finish(self) -> dict:
         """The first process writes the weights, the curves and the summary; returns the summary."""
         barrier(self.d)
+        weights = full_model_state(self.model, self.sharded)  # under FSDP a collective: every process gathers
         if not self.d.main:
             return {}
         a = self.args
-        self._save_weights()
+        save_weights(self.out / "model.safetensors", weights, config_of(self.model), dataset=a.dataset, model=a.model)
         title = f"{a.model} on {a.dataset} ({self.precision}, {a.epochs} epochs, batch {a.batch_size})"
         plot_curves(read_metrics(self.metrics_path), self.out / "curves.png", title)
         summary = self._summary()
@@ -365,14 +459,6 @@ class Trainer:
               f"top-5 {e.get('test_top5', float('nan')):.2%} after {a.epochs} epochs ({self.progress.step} steps)"
               f"{skipped}; {summary['train_images_per_s']:.0f} img/s, wall {summary['wall_s']:.0f} s -> {self.out}")
         return summary
-
-    def _save_weights(self) -> None:
-        from safetensors.torch import save_file
-
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"config": json.dumps(config_of(self.model)), "dataset": self.args.dataset, "model": self.args.model,
-                "model_family": family_of(self.model)}
-        atomic_write(self.out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata=meta))
 
     def _summary(self) -> dict:
         a, d, p = self.args, self.d, self.progress
@@ -386,6 +472,6 @@ class Trainer:
             "img_size": self.img_size, "in_chans": self.info.in_chans, "num_classes": self.info.num_classes,
             "classes": self.info.classes and list(self.info.classes),  # vit-fast predict's label names
             "model_family": family_of(self.model), "config": config_of(self.model),
-            "recipe": recipe_of(a),
+            "recipe": recipe_of(a), "strategy": a.strategy, "memory": self.memory,
             "vit_fast": vit_fast.__version__, "torch": torch.__version__,
         }

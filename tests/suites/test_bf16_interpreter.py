@@ -1,7 +1,8 @@
-"""bfloat16 Triton numerics on CPU: the interpreter's bf16 ``tl.dot`` and cast corrections (tests/interpreter_bf16.py,
-installed by conftest.py) is needed, is a no-op once Triton fixes its interpreter, lifts the dispatcher's
-"bfloat16 on CPU" reason without letting auto pick Triton on CPU; and every op's Triton kernels match the
-float64 oracle in bf16 (forward and every gradient, odd shapes, strided views, autocast)."""
+"""bfloat16 Triton numerics on CPU: the interpreter's bf16 ``tl.dot`` and cast corrections
+(tests/support/interpreter_bf16.py, installed by conftest.py) is needed, is a no-op once Triton fixes its
+interpreter, lifts the dispatcher's "bfloat16 on CPU" reason without letting auto pick Triton on CPU; and every
+op's Triton kernels match the float64 oracle in bf16 (forward and every gradient, odd shapes, strided views,
+autocast)."""
 
 from __future__ import annotations
 

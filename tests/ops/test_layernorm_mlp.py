@@ -1,7 +1,7 @@
 """layernorm_mlp: the reference against hand-written LayerNorm/GELU/linear math, the Triton backend's reasons, and
 the fused Triton kernels (output and all gradients) against the float64 oracle, on CPU through the interpreter
-(fp32, fp16) and on a GPU (bf16, fp16, ViT-S/B sizes, autocast). The contract every op keeps is
-tests/test_contract.py."""
+(fp32, fp16) and on a GPU (bf16, fp16, ViT-S/B sizes, autocast), and the CUDA kernels on a GPU. The contract every
+op keeps is tests/suites/test_contract.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import DEVICE, check_oracle, count, custom_op_calls, launches, layernorm_mlp_inputs, leaves, needs_triton
+import triton
+from helpers import (
+    DEVICE,
+    check_oracle,
+    count,
+    custom_op_calls,
+    launches,
+    layernorm_mlp_inputs,
+    leaves,
+    needs_interpreter,
+    needs_tma,
+    needs_triton,
+)
+from vit_fast.kernels import use_variant
 
 import vit_fast
 from vit_fast.backends import BackendUnavailableError
@@ -385,3 +398,133 @@ def test_cuda_autocast_bf16_with_fp32_params(residual):
     for name, g, lo, w in zip(GRAD_NAMES, got, want, want32, strict=False):
         assert g.dtype == torch.float32, name
         assert_close(g, lo, w, name=name, atol=ATOL[torch.bfloat16])
+
+
+# ---- the CUDA backend (vit_fast._C), on a GPU ----------------------------------------------------------------------
+
+
+def _mlp_inputs(shape, hidden, dtype, *, residual=True, param_dtype=None, res_dtype=None):
+    c = shape[-1]
+    pdt = param_dtype or dtype
+
+    def p(*s, scale=1.0, shift=0.0, dt=pdt):
+        return (torch.randn(*s, device="cuda") * scale + shift).to(dt).requires_grad_()
+
+    x = torch.randn(*shape, device="cuda").to(dtype).requires_grad_()
+    params = [p(c, scale=0.2, shift=1.0), p(c, scale=0.2), p(hidden, c, scale=c**-0.5), p(hidden, scale=0.2),
+              p(c, hidden, scale=hidden**-0.5), p(c, scale=0.2)]
+    res = p(*shape, dt=res_dtype or dtype) if residual else None
+    return [x, *params, res]
+
+
+MLP_NAMES = ["x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual"]
+
+
+def _mlp_call(*a):
+    return layernorm_mlp(*a[:7], residual=a[7])
+
+
+def _mlp_ref(*a, upcast):
+    return layernorm_mlp_ref(*a[:7], residual=a[7], upcast=upcast)
+
+
+MLP_SHAPES = [((2, 197, 384), 1536), ((2, 257, 768), 3072), ((1, 577, 192), 768), ((3, 50, 80), 200), ((9, 40), 72)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", MLP_SHAPES, ids=lambda c: "x".join(map(str, c[0])) + f"_h{c[1]}")
+def test_layernorm_mlp_matches_oracle(case, dtype, residual):
+    shape, hidden = case
+    *args, res = _mlp_inputs(shape, hidden, dtype, residual=residual)
+    check_oracle("layernorm_mlp", "cuda", tuple(args), {"residual": res})
+
+
+@pytest.mark.cuda
+def test_layernorm_mlp_under_autocast_fp32_residual_stream():
+    """The model's autocast path: fp32 x, residual and LayerNorm parameters, bf16 GEMMs, fp32 output."""
+    ins = _mlp_inputs((2, 197, 384), 1536, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with vit_fast.set_backend("cuda"):
+            out = _mlp_call(*ins)
+        ref = layernorm_mlp_ref(*leaves(ins)[:7], residual=ins[7])
+    assert out.dtype == ref.dtype == torch.float32
+    ref32 = layernorm_mlp_ref(*leaves(ins)[:7], residual=ins[7], upcast=True)
+    assert_close(out, ref, ref32, atol=ATOL[torch.bfloat16])
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
+
+
+@pytest.mark.cuda
+def test_layernorm_mlp_only_requested_gradients_and_no_saved_pre():
+    x, *params, res = _mlp_inputs((2, 197, 384), 1536, torch.bfloat16)
+    for t in params:
+        t.requires_grad_(False)
+    with vit_fast.set_backend("cuda"):
+        out = layernorm_mlp(x, *params, residual=res)
+    (dx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+    ref32_in = leaves([x, *params, res], torch.float32)
+    (want,) = torch.autograd.grad(layernorm_mlp_ref(*ref32_in[:7], residual=ref32_in[7], upcast=True), [ref32_in[0]],
+                                  torch.ones_like(out, dtype=torch.float32))
+    low = leaves([x])[0]
+    (lo,) = torch.autograd.grad(layernorm_mlp_ref(low, *params, residual=res), [low], torch.ones_like(out))
+    assert_close(dx, lo, want, name="dx")
+    # The backward recomputes the pre-activation when the forward did not save it.
+    ins = _mlp_inputs((3, 50, 80), 200, torch.float16)
+    mean_rstd = torch.ops.vit_fast.layernorm_mlp_fwd_cuda(*[t.detach() for t in ins[:7]], None, 1e-6, False)
+    assert mean_rstd[3].numel() == 0
+    saved = torch.ops.vit_fast.layernorm_mlp_fwd_cuda(*[t.detach() for t in ins[:7]], None, 1e-6, True)
+    dout = torch.randn_like(saved[0])
+    args = [t.detach() for t in ins[:6]]
+    a = torch.ops.vit_fast.layernorm_mlp_bwd_cuda(dout, *args, saved[1], saved[2], saved[3], True, True, True)
+    b = torch.ops.vit_fast.layernorm_mlp_bwd_cuda(dout, *args, saved[1], saved[2], mean_rstd[3], True, True, True)
+    for g1, g2 in zip(a, b, strict=True):
+        torch.testing.assert_close(g1, g2, atol=2e-3, rtol=2e-3)
+
+# ---- the kernel variants (use_variant), through the interpreter --------------------------------------------------
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+@needs_interpreter
+@needs_tma
+@pytest.mark.parametrize("epilogue", [gemm_kernels.EPI_NONE, gemm_kernels.EPI_GELU, gemm_kernels.EPI_GELU_BWD])
+@pytest.mark.parametrize("b_layout", ["weight_t", "kn"])
+def test_the_tma_gemm_matches_the_reference(epilogue, b_layout):
+    """M, N, K not multiples of the tiles: the descriptors' zero fill and clipped stores carry the edges."""
+    m, k, n = 70, 40, 48
+    dt = torch.float16
+    a, w = torch.randn(m, k).to(dt), (torch.randn(n, k) / k**0.5).to(dt)
+    b = w.t() if b_layout == "weight_t" else w.t().contiguous()  # (K, N): nn.Linear's .t(), or row-major
+    bias, res, pre = torch.randn(n).to(dt), torch.randn(m, n).to(dt), torch.randn(m, n).to(dt)
+    c = torch.full((m, n), float("nan"), dtype=dt)
+    kw: dict = {"residual": res} if epilogue == gemm_kernels.EPI_NONE else {}
+    if epilogue == gemm_kernels.EPI_GELU:
+        kw = {"bias": bias, "pre": torch.full((m, n), float("nan"), dtype=dt), "store_aux": True}
+    if epilogue == gemm_kernels.EPI_GELU_BWD:
+        kw = {"pre": pre, "h": torch.full((m, n), float("nan"), dtype=dt), "store_aux": True,
+              "dbias": torch.full((triton.cdiv(m, gemm_kernels.BIAS_GRAD_ROWS), n), float("nan"))}
+    with use_variant("gemm", "tma"):
+        gemm_kernels.gemm(a, b, c, epilogue=epilogue, **kw)
+    for upcast in (torch.float32, dt):
+        acc = a.to(upcast) @ b.to(upcast)
+        if epilogue == gemm_kernels.EPI_NONE:
+            want = acc + res.to(upcast)
+        elif epilogue == gemm_kernels.EPI_GELU:
+            want = _gelu(acc + bias.to(upcast))
+        else:
+            p32 = pre.to(upcast).float()
+            cdf = 0.5 * (1 + torch.erf(p32 * 2**-0.5))
+            want = acc.float() * (cdf + p32 * torch.exp(-0.5 * p32 * p32) * (2 * torch.pi) ** -0.5)
+        if upcast == torch.float32:
+            oracle = want.float()
+        else:
+            same = want.to(dt)
+    assert_close(c, same, oracle, name="c")
+    if epilogue == gemm_kernels.EPI_GELU_BWD:
+        dbias = kw["dbias"].sum(0)
+        assert torch.allclose(dbias, oracle.sum(0), rtol=2e-2, atol=2e-2)
+        assert_close(kw["h"], _gelu(pre.float()).to(dt), _gelu(pre.float()), name="h")

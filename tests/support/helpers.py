@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_map_only
 
 import vit_fast
 from vit_fast import backends
+from vit_fast.ops._inputs import column_slice, every_other, transposed  # noqa: F401 - the tests' strided views
 from vit_fast.tolerance import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,19 +93,12 @@ def leaves(tensors, dtype: torch.dtype | None = None, *, grad: bool | None = Non
     return tree_map_only(torch.Tensor, copy, tensors)
 
 
-def _home(op: str):
-    """The module holding ``op``'s public function and reference: :mod:`vit_fast.ops`, or for the quantized-inference
-    ops :mod:`vit_fast.ops.scaled_linear` (a function named ``scaled_linear`` in ``vit_fast.ops`` would hide that
-    module, which ``vit_fast.quantization`` and the tests import by name)."""
-    return vit_fast.ops.scaled_linear if op in vit_fast.ops.scaled_linear.__all__ else vit_fast.ops
-
-
 def public(op: str):
-    return getattr(_home(op), op)
+    return backends.spec(op).public
 
 
 def reference(op: str):
-    return getattr(_home(op), f"{op}_ref")
+    return backends.spec(op).reference
 
 
 def named_inputs(op: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -193,9 +187,8 @@ def scaled_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype = torch.floa
                          device: str = DEVICE) -> tuple[tuple, dict]:
     """e4m3 x_q (M, K) with per-row scales, e4m3 weight_q (N, K) with per-channel scales (quantized by the
     reference), a bias in ``dtype`` and ``out_dtype=dtype``: ``dtype`` is the float side of the op."""
-    q = vit_fast.ops.scaled_linear
-    x_q, x_scale = q.quantize_rows_ref(torch.randn(m, k, device=device))
-    weight_q, weight_scale = q.quantize_rows_ref(torch.randn(n, k, device=device) * k**-0.5)
+    x_q, x_scale = vit_fast.ops.quantize_rows_ref(torch.randn(m, k, device=device))
+    weight_q, weight_scale = vit_fast.ops.quantize_rows_ref(torch.randn(n, k, device=device) * k**-0.5)
     b = (0.5 * torch.randn(n, device=device)).to(dtype) if bias else None
     return (x_q, x_scale, weight_q, weight_scale, b), {"out_dtype": dtype}
 
@@ -215,28 +208,7 @@ def int8_linear_args(x: torch.Tensor, linear: torch.nn.Linear) -> tuple[tuple, d
     return (x, packed), {"reduce_range": torch.backends.quantized.engine in ("x86", "fbgemm")}
 
 
-def column_slice(t: torch.Tensor, start: int = 5, extra: int = 13) -> torch.Tensor:
-    """``t`` (M, C) as columns of a wider buffer: rows C + extra apart, unit column stride."""
-    wide = torch.zeros(t.shape[0], t.shape[1] + extra, dtype=t.dtype, device=t.device)
-    wide[:, start:start + t.shape[1]] = t
-    return wide[:, start:start + t.shape[1]]
-
-
-def transposed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with column-major memory: no unit column stride."""
-    return t.t().contiguous().t()
-
-
-def every_other(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as every other element of a buffer twice as long along its last dimension."""
-    return torch.stack([t, t], dim=-1)[..., 0]
-
-
 # ---- the oracle check ------------------------------------------------------------------------------------------
-
-
-# Entry points (attention_packed) recorded in launches under the dispatcher op they are a variant of.
-RECORDED_AS = {variant: op for op in backends.ops() for variant in backends.variants(op)}
 
 
 def _grads(out: torch.Tensor, inputs: dict[str, torch.Tensor], dout: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -272,10 +244,9 @@ def check_oracle(op: str, backend: str, args: tuple, kwargs: dict, *, dout: torc
     for name, g in got.items():
         assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, f"d{name}: {g.dtype} {g.shape}"
         assert_close(g, lows[name], want[name], name=f"d{name}", atol=atol)
-    recorded = RECORDED_AS.get(op, op)
-    assert count(rec, backend, "fwd", recorded) >= 1, f"{backend} did not run {op}'s forward: {rec}"
+    assert count(rec, backend, "fwd", op) >= 1, f"{backend} did not run {op}'s forward: {rec}"
     if got and backend != "reference":  # the reference's backward is PyTorch autograd's: nothing to record
-        ran = count(rec, backend, "bwd", recorded)
+        ran = count(rec, backend, "bwd", op)
         assert ran >= 1 if bwd_launch else ran == 0, f"{backend}'s backward of {op} ran {ran} times: {rec}"
     return out, got
 
@@ -350,3 +321,18 @@ def assert_nested_close(a, b, atol: float = 1e-5, rtol: float = 1e-5) -> None:
             assert_nested_close(x, y, atol, rtol)
     else:
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def _variant_marks() -> tuple[pytest.MarkDecorator, pytest.MarkDecorator]:
+    import vit_fast.kernels as kernels
+
+    interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="kernel numerics on CPU run under the "
+                                     "Triton interpreter (TRITON_INTERPRET=1)")
+    tma = pytest.mark.skipif(kernels.tma_api_missing() is not None, reason=str(kernels.tma_api_missing()))
+    return interpreter, tma
+
+
+# Kernel-variant tests: the interpreter runs descriptor loads and stores (tensor descriptors) as gathers with zero
+# padding; the TMA hardware path itself only the sm_90 compiles (tests/suites/test_kernel_report.py) and a GPU run see.
+needs_interpreter, needs_tma = _variant_marks() if backends.unavailable("triton") is None else (
+    pytest.mark.skip(reason=str(backends.unavailable("triton"))),) * 2

@@ -1,6 +1,7 @@
-"""layer_norm: the reference against LayerNorm math written out, the Triton backend's width limit, and the Triton
-kernels (forward, dx, dweight, dbias) against the float64 oracle, on CPU through the interpreter (fp32, fp16) and
-on a GPU (bf16, fp16, ViT sizes, 50k rows). The contract every op keeps is tests/test_contract.py."""
+"""layer_norm and layer_norm_fp8: the reference against LayerNorm math written out, the Triton backend's width
+limit, the Triton kernels (forward, dx, dweight, dbias; the fp8 variant) against the float64 oracle, on CPU through
+the interpreter (fp32, fp16) and on a GPU (bf16, fp16, ViT sizes, 50k rows), and the CUDA kernels on a GPU. The
+contract every op keeps is tests/suites/test_contract.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helpers import DEVICE, check_oracle, launches, layer_norm_inputs, needs_tri
 
 import vit_fast
 from vit_fast import backends
-from vit_fast.ops import layer_norm, layer_norm_ref
+from vit_fast.ops import layer_norm, layer_norm_fp8, layer_norm_fp8_ref, layer_norm_ref
 from vit_fast.tolerance import assert_close
 
 kernels = pytest.importorskip("vit_fast.kernels.layer_norm")
@@ -177,4 +178,55 @@ def test_cuda_autocast_returns_fp32_like_reference():
     assert [r.backend for r in rec] == ["triton"]
 
 
-# ---- GPU code generation without a GPU: tests/test_kernel_report.py compiles every variant for sm_80/sm_90 ----
+# ---- the CUDA backend (vit_fast._C), on a GPU ----------------------------------------------------------------------
+
+CUDA_SHAPES = [(2, 197, 768), (4, 257, 384), (1, 577, 1024), (3, 50, 80), (7, 33), (2, 5, 1280), (1, 3, 6144)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernels_match_oracle(shape, dtype):
+    check_oracle("layer_norm", "cuda", _inputs(shape, dtype, device="cuda"), {})
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_strided_rows_mixed_params_and_autocast():
+    base = torch.randn(4, 197, 2 * 768, device="cuda", dtype=torch.bfloat16)
+    x = base[..., :768].detach().requires_grad_()  # rows strided by 1536
+    w = (torch.randn(768, device="cuda") * 0.2 + 1).requires_grad_()  # fp32 parameters, bf16 input
+    b = (torch.randn(768, device="cuda") * 0.2).requires_grad_()
+    check_oracle("layer_norm", "cuda", (x, w, b), {})
+    with torch.autocast("cuda", dtype=torch.bfloat16), vit_fast.set_backend("cuda"):
+        y = layer_norm(x, w, b)
+    assert y.dtype == torch.float32  # CUDA autocast runs layer_norm in fp32
+
+
+# ---- layer_norm_fp8: the LayerNorm whose output is an FP8 GEMM's e4m3 input --------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (7, 80), (197, 64)])
+def test_layer_norm_fp8_triton_matches_reference(shape):
+    m, c = shape
+    x, w, b = torch.randn(m, c) * 2 + 1, torch.randn(c), torch.randn(c)
+    ref_q, ref_s = layer_norm_fp8_ref(x, w, b, eps=1e-6)
+    y = F.layer_norm(x, (c,), w, b, 1e-6)
+    assert (ref_q.float() * ref_s[:, None] - y).abs().max() <= y.abs().max() * 2**-4 + 1e-6
+    if "triton" not in backends.implemented("layer_norm_fp8"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    with vit_fast.set_backend("triton"):
+        tq, ts = layer_norm_fp8(x, w, b, eps=1e-6)
+    torch.testing.assert_close(ts, ref_s, rtol=1e-5, atol=1e-12)
+    assert ((tq.float() - ref_q.float()).abs() > 0).float().mean() < 0.01
+
+
+@needs_triton
+def test_layer_norm_kernel_keeps_its_plain_variant():
+    """The fp8 variant is a constexpr of the same kernel: the plain forward still writes the LayerNorm."""
+    x, w, b = torch.randn(9, 48), torch.randn(48), torch.randn(48)
+    with vit_fast.set_backend("triton"):
+        y = layer_norm(x, w, b, eps=1e-6)
+    assert_close(y, F.layer_norm(x, (48,), w, b, 1e-6), F.layer_norm(x.double(), (48,), w.double(), b.double(), 1e-6))
+
+
+# ---- GPU code generation without a GPU: tests/suites/test_kernel_report.py compiles every variant for sm_80/sm_90 ----

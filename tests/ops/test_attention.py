@@ -1,15 +1,25 @@
 """attention: the reference against hand-written softmax math, the Triton backend's reasons, and the Triton kernels
 (forward and dq/dk/dv) against the float64 oracle, on CPU through the interpreter (fp32, fp16) and on a GPU (bf16,
-fp16, ViT sizes, long sequences). The contract every op keeps (empty inputs, float64, opcheck, compile,
-determinism, requested gradients, NaN rows, bad inputs, strides), for attention and its packed entry point, is
-tests/test_contract.py."""
+fp16, ViT sizes, long sequences); the CUDA kernels on a GPU; attention_fp8, the route to the FP8 proj GEMM. The
+contract every op keeps (empty inputs, float64, opcheck, compile, determinism, requested gradients, NaN rows, bad
+inputs, strides), for attention and its packed and fp8 entry points, is tests/suites/test_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, backend_params, check_oracle, launches, needs_triton, packed_qkv
+from helpers import (
+    DEVICE,
+    backend_params,
+    check_oracle,
+    launches,
+    needs_interpreter,
+    needs_tma,
+    needs_triton,
+    packed_qkv,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
+from vit_fast.kernels import use_variant
 
 import vit_fast
 from vit_fast import backends
@@ -288,7 +298,8 @@ def test_model_qkv_gradient_is_the_kernels_buffer(backend):
     assert g.is_contiguous() and g.shape == (2, 21, 3 * 64)
     assert len(written) == 1 and written[0].shape == (2, 21, 3, 4, 16) and written[0].data_ptr() == g.data_ptr()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
-    assert [(r.op, r.backend, r.phase) for r in rec] == [("attention", "triton", "fwd"), ("attention", "triton", "bwd")]
+    assert [(r.op, r.backend, r.phase) for r in rec] == [("attention_packed", "triton", "fwd"),
+                                                            ("attention_packed", "triton", "bwd")]
 
 
 @pytest.mark.parametrize(("n", "d", "useful"), [(197, 64, 0.592), (197, 80, 0.592), (257, 80, 0.645), (64, 64, 1.0)])
@@ -383,3 +394,117 @@ def test_nan_follows_the_formula_at_every_length(poison, backend, dtype):
         else:
             expected[1, 2, :, 5] = True
         assert torch.equal(torch.isnan(out), expected), f"N={n}: NaN rows {torch.isnan(out).any(-1).nonzero().tolist()}"
+
+
+# ---- attention_fp8: the attention output as the FP8 proj GEMM's e4m3 input ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attention_fp8_emits_e4m3_rows_and_their_scales(backend):
+    """The Triton kernel: one scale per (token, head); the reference: one per token (attention, one quantizing
+    pass). Each scale is its group's amax / 448, and the values half an e4m3 step from the attention output."""
+    if backend not in backends.implemented("attention_fp8"):
+        pytest.skip(backends.unavailable("triton") or "triton not implemented")
+    from vit_fast.ops import attention_fp8
+
+    B, H, N, D = 2, 3, 37, 64
+    q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    want = attention_ref(q, k, v).transpose(1, 2).reshape(B * N, H, D)
+    with vit_fast.set_backend(backend), backends.trace() as launches_:
+        out, scale = attention_fp8(q, k, v)
+    assert {(r.op, r.backend) for r in launches_} == {("attention_fp8", backend)}
+    groups = H if backend == "triton" else 1
+    assert out.shape == (B * N, H * D) and out.dtype == torch.float8_e4m3fn
+    assert scale.reshape(B * N, -1).shape == (B * N, groups)
+    exact = want.reshape(B * N, groups, -1)
+    torch.testing.assert_close(scale.reshape(B * N, groups), exact.abs().amax(-1) / 448, rtol=1e-5, atol=0)
+    got = out.float().view(B * N, groups, -1) * scale.reshape(B * N, groups)[..., None]
+    assert ((got - exact).abs() <= exact.abs().amax(-1, keepdim=True) * 2**-4).all()  # half an e4m3 step
+
+
+# ---- the CUDA backend (vit_fast._C), on a GPU ----------------------------------------------------------------------
+
+ATTN_SHAPES = [(2, 197, 3, 64), (2, 257, 2, 64), (1, 577, 2, 64), (2, 197, 2, 80), (1, 577, 1, 80),
+               (3, 50, 2, 64), (1, 1, 1, 64), (2, 65, 2, 128), (1, 1025, 1, 64)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_matches_oracle(shape, dtype):
+    B, N, H, D = shape
+    check_oracle("attention", "cuda", packed_qkv(B, N, H, D, dtype, "cuda"), {})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_attention_contiguous_transposed_and_scaled(dtype):
+    q, k, v = (torch.randn(2, 3, 97, 80, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
+    check_oracle("attention", "cuda", (q, k, v), {"scale": 0.3})
+    base = torch.randn(2, 97, 3, 64, device="cuda", dtype=dtype)  # (B, N, H, D) memory viewed as (B, H, N, D)
+    q, k, v = (base.transpose(1, 2).detach().requires_grad_() for _ in range(3))
+    check_oracle("attention", "cuda", (q, k, v), {})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 197, 3, 64), (1, 50, 2, 80), (1, 130, 2, 128), (2, 7, 1, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_attention_packed_matches_oracle_and_the_unpacked_op(shape, dtype):
+    """The packed C++ ops: forward and the one dqkv against the fp32 oracle, and bit-identical to attention() of
+    the q, k, v views (the same kernels; only the gradient's strides differ)."""
+    from vit_fast.ops.attention import unpack_qkv
+
+    B, N, H, D = shape
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype).requires_grad_()
+    check_oracle("attention_packed", "cuda", (qkv,), {"scale": 0.3})
+    dout = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+    views = [t.detach().requires_grad_() for t in unpack_qkv(qkv.detach())]
+    with vit_fast.set_backend("cuda"):
+        out = attention_packed(qkv, scale=0.3)
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        want = attention(*views, scale=0.3)
+        grads = torch.autograd.grad(want, views, dout)
+    assert dqkv.is_contiguous() and torch.equal(out, want)
+    for got, g in zip(unpack_qkv(dqkv), grads, strict=True):
+        assert torch.equal(got, g)
+
+# ---- the kernel variants (use_variant), through the interpreter --------------------------------------------------
+
+
+def _strided_qkv(b: int, n: int, h: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return kernels.unpack_qkv(torch.randn(b, n, 3, h, d).to(dtype))  # strided (B, H, N, D) views
+
+
+@needs_interpreter
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_tma_attention_forward_matches_the_reference(dtype):
+    q, k, v = _strided_qkv(2, 45, 2, 32, dtype)  # N = 45: one full key tile of 32 and a masked tail
+    with use_variant("attention_fwd", "tma"):
+        out, lse = kernels.attention_fwd(q, k, v, 32**-0.5)
+    oracle = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    same = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert_close(out, same, oracle, name="out")
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 32**-0.5
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d", [32, 80])  # one head-dim part, and D = 80's two parts (64 + 16)
+def test_the_fused_backward_matches_the_reference_and_the_two_kernel_one(d):
+    q, k, v = _strided_qkv(1, 40, 2, d, torch.bfloat16)
+    scale = d**-0.5
+    out, lse = kernels.attention_fwd(q, k, v, scale)
+    dout = torch.randn_like(q)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*leaves, scale=scale).backward(dout.float())
+    same = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*same, scale=scale).backward(dout)
+    grads = {}
+    for variant in ("split", "fused"):
+        with use_variant("attention_bwd", variant):
+            grads[variant] = kernels.attention_bwd(dout, q, k, v, out, lse, scale)
+    for name, fused, split, s, o in zip("qkv", grads["fused"], grads["split"], same, leaves, strict=True):
+        assert_close(fused, s.grad, o.grad, name=f"d{name} (fused)")
+        assert (fused.float() - split.float()).abs().max() <= 2 * (s.grad.float() - o.grad).abs().max() + 1e-2

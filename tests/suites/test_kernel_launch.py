@@ -48,7 +48,7 @@ AUTOTUNED = [attention._attention_fwd_tuned, attention._attention_bwd_dkdv_tuned
              layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
              gemm._gemm_tuned, scaled_gemm._scaled_gemm_tuned, patch_embed._patch_embed_fwd_kernel,
              patch_embed._patch_embed_bwd_weight_kernel, patch_embed._patch_embed_bwd_images_kernel]
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # ---- the device guard ------------------------------------------------------------------------------------------

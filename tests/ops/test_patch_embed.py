@@ -1,7 +1,7 @@
 """patch_embed: the reference against patch extraction by reshape + matmul, the Triton backend's reasons, and the
 Triton kernels (forward and the gradients of images, weight, bias, class token and position embedding) against
 the float64 oracle, on CPU through the interpreter (fp32, fp16) and on a GPU (bf16, fp16, ViT-B/16, ViT-L/14,
-ViT-B/32 at 224). The contract every op keeps is tests/test_contract.py."""
+ViT-B/32 at 224), and the CUDA kernels on a GPU. The contract every op keeps is tests/suites/test_contract.py."""
 
 from __future__ import annotations
 
@@ -106,6 +106,47 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(
         lambda *t: _call(patch_embed_ref, dict(zip(NAMES, t, strict=True))), tuple(ins.values())
     )
+
+
+# One patch wide and one patch tall: oneDNN's AMX bf16 convolution (torch 2.14) is wrong on the first (off by 44
+# to 124 or NaN against a correct 0.12); P = 14 and 16, C = 1 and 3, odd E.
+ONE_PATCH_GRIDS = [(1, 14, (19, 1), 35), (3, 14, (19, 1), 35), (3, 16, (14, 1), 768), (3, 14, (1, 23), 64),
+                   (1, 16, (1, 1), 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c, p, grid, e", ONE_PATCH_GRIDS)
+def test_16bit_cpu_reference_is_within_rounding_of_fp64_on_one_patch_grids(c, p, grid, e, dtype):
+    """vit_fast.ops.patch_embed itself (auto: the reference on CPU): one rounding of an fp32-accumulated GEMM
+    (the bias added before it or after it: two roundings at most) off the float64 result."""
+    ins = _inputs(2, c, grid[0] * p, grid[1] * p, p, e, pos=None, dtype=torch.float64, device="cpu")
+    ins["weight"] = ins["weight"] * (c * p * p) ** -0.5
+    low = {k: None if t is None else t.detach().to(dtype) for k, t in ins.items()}
+    with launches() as rec:
+        out = _call(patch_embed, low)
+    assert {r.backend for r in rec} == {"reference"}
+    want = _call(patch_embed_ref, {k: None if t is None else t.double() for k, t in low.items()})
+    err = (out.double() - want).abs().max().item()
+    unit = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    assert torch.isfinite(out).all() and err <= 2 * unit * want.abs().max().item(), f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_16bit_cpu_reference_does_not_use_the_convolution(autocast):
+    """The route around oneDNN's bf16 convolution: in 16 bits on CPU (the inputs', or autocast's) the reference
+    never calls F.conv2d, forward or backward; fp32 outside autocast still does."""
+    ins = _leaves(_inputs(2, 3, 14, 28, 14, 35, dtype=torch.float32 if autocast else torch.bfloat16, device="cpu"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.conv2d called for a 16-bit CPU patch embedding")
+
+    with mock.patch.object(F, "conv2d", refuse), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = _call(patch_embed_ref, ins)
+        out.sum().backward()
+    assert torch.isfinite(out).all()
+    with mock.patch.object(F, "conv2d", wraps=F.conv2d) as conv:
+        _call(patch_embed_ref, _leaves(_inputs(1, 3, 8, 8, 4, 6, dtype=torch.float32, device="cpu")))
+    assert conv.called
 
 
 # ---- dispatch to the Triton backend ------------------------------------------------------------------------------
@@ -304,4 +345,31 @@ def test_cuda_autocast_bf16_model_path():
         assert_close(got[name], lo[name], want[name], name=f"d{name}")
 
 
-# ---- GPU code generation without a GPU: tests/test_kernel_report.py compiles every variant for sm_80/sm_90 ----
+# ---- the CUDA backend (vit_fast._C), on a GPU ----------------------------------------------------------------------
+
+CUDA_CASES = [(2, 3, 224, 224, 16, 192), (2, 3, 64, 48, 16, 96), (1, 3, 56, 56, 14, 80), (2, 1, 12, 20, 4, 24)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pos", ["1+N", "N", None])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_cuda_kernels_match_oracle(case, pos, dtype):
+    B, C, H, W, P, E = case
+    ins = _inputs(B, C, H, W, P, E, pos=pos, dtype=dtype, device="cuda")
+    ins["cls_token"] = ins["cls_token"].detach().float().requires_grad_()  # fp32, as the model holds it
+    if ins["pos_embed"] is not None:
+        ins["pos_embed"] = ins["pos_embed"].detach().float().requires_grad_()
+    check_oracle("patch_embed", "cuda", (ins["images"], ins["weight"], ins["bias"]),
+                 {"cls_token": ins["cls_token"], "pos_embed": ins["pos_embed"]})
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_strided_images_no_cls_no_bias():
+    base = torch.randn(2, 3, 64, 80, device="cuda", dtype=torch.bfloat16)
+    images = base[..., :64].detach().requires_grad_()  # rows strided by 80
+    weight = (torch.randn(32, 3, 16, 16, device="cuda") * 0.03).to(torch.bfloat16).requires_grad_()
+    check_oracle("patch_embed", "cuda", (images, weight, None), {})
+
+
+# ---- GPU code generation without a GPU: tests/suites/test_kernel_report.py compiles every variant for sm_80/sm_90 ----
