@@ -53,7 +53,6 @@ THIS = os.path.abspath(__file__)
 
 sys.path.insert(0, os.path.dirname(THIS))
 import gpu_plan  # noqa: E402 - beside this script, which runs as a file, not a module
-from gpu_plan import FIXED_SHAPES  # noqa: E402
 
 
 def _capture(cmd: Sequence[str], timeout: float = 30) -> str | None:
@@ -427,12 +426,12 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = gp
     import vit_fast
     from vit_fast import backends
     from vit_fast.bench.cases import OP_BENCHES, Inputs, run_once, seed
+    from vit_fast.bench.measure import verdict
     from vit_fast.fileio import atomic_write
-    from vit_fast.tolerance import worst_excess
 
     rows: list[dict] = []
     dev = torch.device(device)
-    table = {op: ss for op, ss in (FIXED_SHAPES if shapes is None else shapes).items() if ops is None or op in ops}
+    table = {op: ss for op, ss in (gpu_plan.fixed_shapes() if shapes is None else shapes).items() if ops is None or op in ops}
     for op in [op for op in table if op not in OP_BENCHES]:
         rows.append({"op": op, "backend": "-", "dtype": "-", "shape": "-", "status": "SKIP",
                      "detail": "not a bench case (vit_fast.bench.cases) yet: its pytest -m cuda tests cover it"})
@@ -443,28 +442,23 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = gp
         bench, dtype = OP_BENCHES[op], getattr(torch, dtype_name)
         seed("gpu_check", op, shape, dtype_name)
         base = bench.make(shape, dtype, dev)
-        with torch.no_grad():
-            args, kwargs = base.assemble(base.tensors)
-            base.grad_out = torch.randn_like(bench.reference()(*args, **kwargs))
-        oracle = run_once(bench.reference(), base.to(torch.float64 if dtype == torch.float32 else torch.float32),
-                          "fwd+bwd")
-        same = run_once(bench.reference(), base, "fwd+bwd")
+        mode, agree = verdict(bench, shape, base, dtype, ["out", *(f"grad {n}" for n in base.grad_names)])
         entries = [(op, bench.public(), base)]
         if op == "attention":  # the model's entry point: kernels of their own, the qkv gradient written in place
             packed = Inputs(base.tensors, base.grad_names, lambda t, d=shape["D"]: ((t["qkv"],), {"scale": d**-0.5}),
                             base.grad_out)
             entries.append(("attention_packed", vit_fast.ops.attention_packed, packed))
+        phases = {"fwd"} if mode == "fwd" else {"fwd", "bwd"}
         for (entry, public, inputs), backend in itertools.product(entries, backend_names):
             row = {"op": entry, "backend": backend, "dtype": dtype_name, "shape": bench.label(shape)}
-            want = {(entry, "fwd")} if backend == "reference" else {(entry, "fwd"), (entry, "bwd")}
+            want = {(entry, p) for p in ({"fwd"} if backend == "reference" else phases)}
             try:
                 with vit_fast.set_backend(backend), backends.trace() as launches:
-                    out, grads = run_once(public, inputs, "fwd+bwd")
+                    out, grads = run_once(public, inputs, mode)
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                 ran = {(r.op, r.phase) for r in launches if r.backend == backend}
-                ratio, where = worst_excess([out, *grads], [same[0], *same[1]], [oracle[0], *oracle[1]],
-                                            ["out", *(f"grad {n}" for n in base.grad_names)])
+                ratio, where = agree([out, *grads])
                 missing = sorted(want - ran)
                 row.update(worst=ratio, launched=sorted(ran), detail=where)
                 if missing:

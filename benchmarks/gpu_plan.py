@@ -2,22 +2,25 @@
 
 Budgets are derived, never declared: the compile step's from the CPU seconds ``vit-fast kernels --cold`` measured
 for the shortlisted configs (``kernels/shortlist.py``'s COMPILE_S), shared by the GPU machine's compiler workers;
-every other step's from what it launches, counted from its case lists (:data:`FIXED_SHAPES`, the tune and bench
-cases, the GPU tests), times a per-launch cost stated here with its reason. ``python benchmarks/gpu_check.py
+every other step's from what it launches, counted from its case lists (each op's ``gpu_check`` shapes, declared in
+its spec, the tune and bench cases, the GPU tests), times a per-launch cost stated here with its reason. ``python benchmarks/gpu_check.py
 --plan`` prints the plan on any machine. :class:`Deadline` runs the steps: each gets its budget, never more than
 the time left less what the later steps need at least, is cut (SIGINT, then its partial results are kept) when it
 overruns, and the next step runs all the same.
 
-This module imports nothing of vit_fast or torch: the check's parent process runs it before vit_fast is built.
+The check's parent process runs this before vit_fast is built: it imports vit_fast's op specs from the source tree
+(pure Python over torch, about 3 s, no extension and no CUDA context) and nothing else of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 
@@ -38,20 +41,6 @@ MODEL_ROW_S = 4.0  # one model row of bench --quick: build, warm-up, 60 ms of st
 SANITIZED_S = 4.0  # one op pass under compute-sanitizer (it slows launches 10-100x)
 GPU_TEST_S = 1.5  # one `pytest -m cuda` test at small shapes (its kernels mostly compiled by the earlier steps)
 
-# Per op: the fixed-config correctness shapes (dtype outermost in the runs: a cut run has every op in bf16). ViT-B
-# and ViT-L widths for the MLP; attention at N 197/257/577 and D 64/80/128; patch 16 and 14; odd LayerNorm rows.
-# The fp8 ops' shapes are in their own terms (the bench cases they join name them).
-FIXED_SHAPES: dict[str, list[dict[str, int]]] = {
-    "layernorm_mlp": [{"B": 2, "N": 197, "C": 768, "hidden": 3072}, {"B": 2, "N": 197, "C": 1024, "hidden": 4096}],
-    "attention": [{"B": 2, "H": 2, "N": n, "D": d} for d in (64, 80, 128) for n in (197, 257, 577)],
-    "scaled_linear": [{"M": 394, "K": 768, "N": 3072, "G": 1}, {"M": 394, "K": 768, "N": 768, "G": 12}],
-    "attention_fp8": [{"B": 2, "H": 2, "N": 197, "D": 64}],
-    "layer_norm_fp8": [{"M": 394, "C": 768}],
-    "quantize_rows": [{"M": 394, "C": 3072}],
-    "patch_embed": [{"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 768},
-                    {"B": 2, "in_chans": 3, "img": 56, "P": 14, "E": 80}],
-    "layer_norm": [{"B": 2, "N": 197, "C": 768}, {"B": 1, "N": 7, "C": 1280}],
-}
 FP8_OPS = ("scaled_linear", "attention_fp8", "layer_norm_fp8", "quantize_rows")
 # The op steps, most valuable first (the MLP GEMMs carry about 64 % of ViT-B's FLOPs); the fp8 ops share one step.
 OP_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (("layernorm_mlp", ("layernorm_mlp",)),
@@ -97,6 +86,16 @@ def shortlist_compile(arch: str = ARCH, path: str | None = None) -> tuple[int, f
     return sum(int(v["rows"]) for v in per.values()), sum(float(v["seconds"]) for v in per.values())
 
 
+@functools.cache
+def fixed_shapes() -> dict[str, tuple[dict, ...]]:
+    """Per op, the shapes its correctness step checks on fixed configs: each spec's ``Bench.gpu_check``."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from vit_fast.bench.cases import OP_BENCHES
+
+    return {op: b.spec.bench.gpu_check for op, b in OP_BENCHES.items() if b.spec.bench.gpu_check}
+
+
 def gpu_test_count() -> int:
     """The tests marked cuda: one per mark (a parametrized one counts once: most parameters skip early)."""
     count = 0
@@ -111,7 +110,7 @@ def correctness_cases(ops: tuple[str, ...]) -> int:
     (its packed entry point, the one the model calls)."""
     total = 0
     for op in ops:
-        shapes = FIXED_SHAPES[op]
+        shapes = fixed_shapes()[op]
         entries = 2 if op == "attention" else 1
         total += (len(shapes) * len(CHECK_DTYPES) + 1) * len(BACKENDS) * entries
     return total

@@ -137,14 +137,33 @@ def _normalize_hf_name(key: str) -> str:
     return re.sub(r"^layers\.", "layer.", key)
 
 
+def _rename(renames: list[tuple[str, str]], key: str, name: str, value: torch.Tensor,
+            out: dict[str, torch.Tensor], missed: list[str]) -> None:
+    """Puts ``value`` under the first rename of ``name`` that matches, or ``key`` into ``missed``."""
+    for pattern, repl in renames:
+        new, hits = re.subn(pattern, repl, name)
+        if hits:
+            out[new] = value
+            return
+    missed.append(key)
+
+
+def _unmapped(family: str, missed: list[str], unknown: list[str] | None) -> None:
+    """Keys no rename matched: into the caller's ``unknown`` list when it gave one, else a KeyError naming them."""
+    if unknown is not None:
+        unknown.extend(missed)
+    elif missed:
+        raise KeyError(f"{family} checkpoint has keys vit_fast cannot map: {missed[:10]}"
+                       f"{' ...' if len(missed) > 10 else ''}")
+
+
 def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor], *,
                           unknown: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Hugging Face ViT (either layout) -> timm/vit_fast names, with q/k/v fused into qkv. Keys it cannot map
     raise ``KeyError``, or are appended to ``unknown`` when a list is given."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    collect = unknown is not None
-    unknown = [] if unknown is None else unknown
+    missed: list[str] = []
     for key, value in state_dict.items():
         name = _normalize_hf_name(key)
         if _HF_IGNORED.match(name):
@@ -154,16 +173,8 @@ def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor], *,
             which = (m.group(2) or m.group(3))[0]  # q, k or v
             qkv.setdefault((int(m.group(1)), m.group(4)), {})[which] = value
             continue
-        for pattern, repl in _HF_RENAMES:
-            new, hits = re.subn(pattern, repl, name)
-            if hits:
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown and not collect:
-        raise KeyError(f"Hugging Face checkpoint has keys vit_fast cannot map: {unknown[:10]}"
-                       f"{' ...' if len(unknown) > 10 else ''}")
+        _rename(_HF_RENAMES, key, name, value, out, missed)
+    _unmapped("Hugging Face", missed, unknown)
     for (layer, kind), parts in sorted(qkv.items()):
         missing = [p for p in "qkv" if p not in parts]
         if missing:
@@ -204,22 +215,13 @@ def convert_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor], *,
     """torchvision ``VisionTransformer`` names -> timm/vit_fast names (the tensors are the same). Keys it cannot
     map raise ``KeyError``, or are appended to ``unknown`` when a list is given."""
     out: dict[str, torch.Tensor] = {}
-    collect = unknown is not None
-    unknown = [] if unknown is None else unknown
+    missed: list[str] = []
     for key, value in state_dict.items():
         for pattern, what in _TV_UNSUPPORTED:
             if pattern.match(key):
                 raise ValueError(f"torchvision checkpoint has {what} ({key}), which vit_fast's ViT does not have")
-        for pattern, repl in _TV_RENAMES:
-            new, hits = re.subn(pattern, repl, key)
-            if hits:
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown and not collect:
-        raise KeyError(f"torchvision checkpoint has keys vit_fast cannot map: {unknown[:10]}"
-                       f"{' ...' if len(unknown) > 10 else ''}")
+        _rename(_TV_RENAMES, key, key, value, out, missed)
+    _unmapped("torchvision", missed, unknown)
     return out
 
 

@@ -40,7 +40,7 @@ def test_the_plan_fits_the_deadline_and_lists_every_op(gp, capsys):
     assert sum(s.budget_s for s in steps) <= gp.DEADLINE_S == 420 and "fits" in text.splitlines()[-1]
     assert [s.name for s in steps] == ["build", "layernorm_mlp", "attention", "fp8", "patch_embed", "layer_norm",
                                        "sanitizer", "model", "tests"]  # in order of value
-    for op in gp.FIXED_SHAPES:  # every op, the fp8 ones included, with what its step verifies
+    for op in gp.fixed_shapes():  # every op, the fp8 ones included, with what its step verifies
         assert op in text, op
     for s in steps:
         assert f"| {s.name} | {s.budget_s:.0f} |" in text and s.verifies in text and s.basis in text
@@ -58,10 +58,27 @@ def test_budgets_are_derived_from_counts_and_measured_compile_times(gp, monkeypa
     assert "1200 CPU s" in build.basis
     attention = next(s for s in gp.plan() if s.name == "attention")
     before = attention.budget_s
-    monkeypatch.setitem(gp.FIXED_SHAPES, "attention", gp.FIXED_SHAPES["attention"] * 2)
+    doubled = {**gp.fixed_shapes(), "attention": gp.fixed_shapes()["attention"] * 2}
+    monkeypatch.setattr(gp, "fixed_shapes", lambda: doubled)
     assert next(s for s in gp.plan() if s.name == "attention").budget_s > before
     # 9 shapes x 2 dtypes + fp32 once, x 3 backends, x 2 entry points
     assert gp.correctness_cases(("attention",)) == (18 * 2 + 1) * 3 * 2
+
+
+def test_every_checked_shape_is_declared_by_its_op_and_builds_on_cpu(gp, tmp_path):
+    """Each op's ``gpu_check`` shapes are in its spec, every such op is in a step, and the correctness child runs
+    each op's first shape in fp32 on the reference backend (a shape in the wrong terms fails here, not on the GPU)."""
+    from vit_fast.bench.cases import OP_BENCHES
+
+    shapes = gp.fixed_shapes()
+    assert set(shapes) == set(OP_BENCHES)  # every benchmarked op is checked on the GPU
+    assert set(shapes) == {op for _, ops in gp.OP_STEPS for op in ops}
+    gc = _load("gpu_check")
+    out = tmp_path / "correctness.json"
+    assert gc.correctness(str(out), device="cpu", dtypes=(), backend_names=("reference",)) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == set(shapes) | {"attention_packed"}
+    assert all(r["status"] == "PASS" for r in rows), [r for r in rows if r["status"] != "PASS"]
 
 
 class FakeClock:

@@ -19,7 +19,7 @@ from vit_fast.bench.cases import Inputs, OpBench, run_once, seed
 from vit_fast.bench.peaks import peak_key
 from vit_fast.bench.providers import Provider
 from vit_fast.bench.timing import CPU_WORKING_SET, Timer, Timing, sync
-from vit_fast.tolerance import ATOL, excess
+from vit_fast.tolerance import ATOL, excess, worst_excess
 
 MAX_ROTATE_SETS = 4096
 
@@ -79,6 +79,34 @@ def _close_rule(op: OpBench, shape: dict, base: Inputs) -> Callable[[Sequence[ob
         return 0.0, "the op's close rule"
 
     return agree
+
+
+def verdict(op: OpBench, shape: dict, base: Inputs, dtype: torch.dtype, names: Sequence[str] | None = None
+            ) -> tuple[str, Callable[[Sequence[object]], tuple[float, str]]]:
+    """How a result on ``base`` is judged, as the tests judge it: the mode the check runs and ``agree(outs) ->
+    (worst err / tol, where)``, passing at <= 1. An op with its own close rule (the quantized ones) is judged by it,
+    forward only, against its float64 oracle; every other op's output and gradients (fwd+bwd where the op is
+    measured so) by the tolerance rule, against its reference in ``dtype`` and in float64 (float32 for a 16-bit
+    ``dtype``). ``names`` names the output and gradients in the detail (else their positions)."""
+    if op.spec.cases.close is not None:
+        return "fwd", _close_rule(op, shape, base)
+    checked = "fwd+bwd" if "fwd+bwd" in op.modes else "fwd"
+    if checked == "fwd+bwd":
+        with torch.no_grad():
+            args, kwargs = base.assemble(base.tensors)
+            base.grad_out = torch.randn_like(op.reference()(*args, **kwargs))
+    oracle_out, oracle_grads = run_once(op.reference(), base.to(torch.float64 if dtype == torch.float32
+                                                                 else torch.float32), checked)
+    same_out, same_grads = run_once(op.reference(), base, checked)
+    same, oracle = (same_out, *same_grads), (oracle_out, *oracle_grads)
+
+    def agree(outs: Sequence[object]) -> tuple[float, str]:
+        n = len(outs)  # a forward-only measurement of an op that has gradients
+        if names is None:
+            return _agreement(outs, same[:n], oracle[:n], dtype)
+        return worst_excess(outs, same[:n], oracle[:n], names[:n], dtype=dtype)
+
+    return checked, agree
 
 
 def _classify_error(e: BaseException, provider: Provider, caught: Sequence[warnings.WarningMessage] = ()
@@ -186,19 +214,7 @@ def bench_op_case(op: OpBench, shape: dict[str, int], dtype: torch.dtype, device
     label = op.label(shape)
     seed(op.name, label, dtype_name(dtype))
     base = op.make(shape, dtype, device)
-    agree = None
-    if op.spec.cases.close is not None:
-        expect, agree = ((), ()), _close_rule(op, shape, base)
-    else:
-        checked = "fwd+bwd" if "fwd+bwd" in op.modes else "fwd"
-        if checked == "fwd+bwd":
-            with torch.no_grad():
-                args, kwargs = base.assemble(base.tensors)
-                base.grad_out = torch.randn_like(op.reference()(*args, **kwargs))
-        oracle_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-        oracle_out, oracle_grads = run_once(op.reference(), base.to(oracle_dtype), checked)
-        same_out, same_grads = run_once(op.reference(), base, checked)
-        expect = ((same_out, *same_grads), (oracle_out, *oracle_grads))
+    _, agree = verdict(op, shape, base, dtype)
     sets = _input_sets(base, device)
     elem = torch.empty((), dtype=dtype).element_size()
     rows = []
@@ -217,8 +233,8 @@ def bench_op_case(op: OpBench, shape: dict[str, int], dtype: torch.dtype, device
 
                 return first, lambda: run_once(fn, next(cycle), mode)
 
-            timing = check_and_time(row, p, prepare, expect, dtype, timer, budget, reserve_s=60 if p.compile else 1,
-                                    agree=agree)
+            timing = check_and_time(row, p, prepare, ((), ()), dtype, timer, budget,
+                                    reserve_s=60 if p.compile else 1, agree=agree)
             if timing is not None:
                 derive(row, timing, op.flops(shape, mode), op.bytes(shape, mode, elem), peaks)
             rows.append(row)

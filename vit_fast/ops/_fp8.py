@@ -25,14 +25,15 @@ def quantize_rows_ref(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor
 
 
 def rows_bench(quick_width: tuple[int, int], model_width: Callable[[Mapping[str, int]], int],
-               params: int = 0, **dims: object) -> Bench:
+               params: int = 0, gpu_check: tuple[Mapping, ...] = (), **dims: object) -> Bench:
     """The benchmark of an op that reads (B * N, C) rows in the input dtype and writes them in e4m3 with a scale
     per row, forward only, on a GPU by default: ``quick_width`` the ``--quick`` C (GPU, CPU), ``model_width(dims)``
-    C in a model, ``params`` how many C-long parameter vectors it also reads, ``dims`` what its cases add."""
+    C in a model, ``params`` how many C-long parameter vectors it also reads, ``gpu_check`` the GPU check's
+    shapes, ``dims`` what its cases add."""
     gpu_c, cpu_c = quick_width
     return Bench(
         "GB/s", ("B", "N", "C"), (({"B": 64, "N": 197, "C": gpu_c},), ({"B": 8, "N": 65, "C": cpu_c},)),
         model_shape=lambda d: {"N": d["N"], "C": model_width(d)}, flops=lambda s, mode: 0,
         bytes=lambda s, mode, elem: s["B"] * s["N"] * (s["C"] * (elem + 1) + 4) + params * s["C"] * elem,
-        baselines=lambda: [], compiled=None, modes=("fwd",), gpu_only=True,
+        baselines=lambda: [], compiled=None, modes=("fwd",), gpu_only=True, gpu_check=gpu_check,
         to_dims=lambda s: {"M": s["B"] * s["N"], "C": s["C"], **dims})

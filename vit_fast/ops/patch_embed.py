@@ -419,8 +419,6 @@ CASES = Cases(
               (torch.bfloat16, {"B": 1, "C": 1, "P": 14, "grid": (19, 1), "E": 35}),
               (torch.bfloat16, {"B": 1, "C": 3, "P": 14, "grid": (19, 1), "E": 35, "cls_token": True,
                                 "pos_embed": 20})),
-    gpu=({"B": 256, "C": 3, "P": 16, "grid": (14, 14), "E": 768, "cls_token": True, "pos_embed": 197},
-         {"B": 64, "C": 3, "P": 14, "grid": (16, 16), "E": 1280, "cls_token": True, "pos_embed": 257}),
 )
 BENCH = Bench(
     "TFLOP/s", ("B", "img", "P", "E"),
@@ -429,7 +427,9 @@ BENCH = Bench(
     model_shape=lambda d: {"in_chans": d["in_chans"], "img": d["img"], "P": d["P"], "E": d["C"]},
     flops=_flops, bytes=_bytes, baselines=lambda: [("eager", _eager, contextlib.nullcontext)],
     compiled=("compiled", _eager), tokens=lambda s: (int(s["img"]) // int(s["P"])) ** 2 + 1,
-    model_dims={"images_grad": False}, to_dims=_bench_dims)  # the model's images need no gradient
+    model_dims={"images_grad": False}, to_dims=_bench_dims,  # the model's images need no gradient
+    gpu_check=({"B": 2, "in_chans": 3, "img": 224, "P": 16, "E": 768}, {"B": 2, "in_chans": 3, "img": 56, "P": 14,
+                                                                         "E": 80}))
 
 PATCH_EMBED = declare(OpSpec("patch_embed", patch_embed, patch_embed_ref, _call, _facts, _bucket, _example, CONTRACT,
                              CASES, BENCH))

@@ -75,7 +75,6 @@ class Cases:
     - ``strategy(budget)``: a hypothesis strategy of dims (``budget``: ``"reference"``, ``"interpreter"`` or
       ``"interpreter_slow"``: how much work one example may ask of the backend under test);
     - ``examples``: dims every property run checks (cases found once; empty batches);
-    - ``gpu``: the GPU check's fixed dims, most valuable first;
     - ``close(out, exact, inputs, name)``: for ops whose results have no float64 oracle to hold a same-dtype
       yardstick to (quantized ones), the error budget of ``out`` against ``oracle``'s ``exact`` on the call's
       ``inputs``; None for the tolerance rule.
@@ -95,7 +94,6 @@ class Cases:
     requested: tuple[tuple[tuple[str, ...], bool], ...] = ()
     bad: Callable[[], list] = _no_cases
     examples: tuple[Dims, ...] = ()
-    gpu: tuple[Dims, ...] = ()
     close: Callable | None = None
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     float64_raises: tuple[type[Exception], str] | None = None  # the op takes no float64 at all: what it raises
@@ -129,7 +127,9 @@ class Bench:
     - ``flops`` / ``bytes``: the useful work, counted the same for every provider;
     - ``baselines()``: the eager PyTorch ways; ``compiled``: what torch.compile compiles (None: the reference);
     - ``peers()``: ``(name, module, factory)`` of other libraries' kernels; ``note(shapes)``: a report line;
-    - ``modes``: what is measured (an inference op: the forward alone); ``gpu_only``: not in a CPU run's defaults."""
+    - ``modes``: what is measured (an inference op: the forward alone); ``gpu_only``: not in a CPU run's defaults;
+    - ``gpu_check``: the shapes ``benchmarks/gpu_check.py`` checks on fixed kernel configs, most valuable first (a
+      run cut short has the first ones), small batches: the check is of numerics and launches, not of speed."""
 
     metric: str  # "TFLOP/s" (compute-bound work) or "GB/s" (memory-bound)
     shape_keys: tuple[str, ...]
@@ -147,6 +147,7 @@ class Bench:
     note: Callable[[list[Dims]], str | None] = lambda shapes: None
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     gpu_only: bool = False  # left out of a CPU run unless named (e4m3 math is emulated there: its timings say nothing)
+    gpu_check: tuple[Dims, ...] = ()
 
 
 @dataclass(frozen=True)

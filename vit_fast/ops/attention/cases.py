@@ -174,9 +174,6 @@ def _strategy(layouts: tuple[str, ...]) -> Callable[[str], object]:
     return strategy
 
 
-# The GPU check's shapes: ViT-B heads (D 64) at 197, 257 and 577 tokens, ViT-H/14's (D 80), and D 128.
-_GPU = tuple({"B": 64, "H": h, "N": n, "D": d, "layout": "packed"} for h, d in ((12, 64), (16, 80), (8, 128))
-             for n in (197, 257, 577))
 _COMMON = {"oracle": _oracle, "reduction": lambda dims: max(int(dims["N"]), int(dims["D"]))}
 
 ATTENTION = Cases(
@@ -190,7 +187,6 @@ ATTENTION = Cases(
               (torch.bfloat16, {"B": 1, "H": 1, "N": 7, "D": 64}),
               (torch.float32, {"B": 1, "H": 1, "N": 197, "D": 64, "slow": True}),
               (torch.float16, {"B": 1, "H": 1, "N": 257, "D": 80, "slow": True})),
-    gpu=_GPU,
 )
 ATTENTION_PACKED = Cases(
     leaves=_leaves, view=_packed_view, grads=_grads, **_COMMON,
@@ -200,7 +196,6 @@ ATTENTION_PACKED = Cases(
     nan=tuple((w, _packed_nan(w)) for w in "qkv"), requested=((("qkv",), True),),
     bad=_packed_bad, strategy=_strategy(PACKED_LAYOUTS),
     examples=((torch.float32, {"B": 1, "H": 2, "N": 40, "D": 80, "layout": "packed_sliced"}),),
-    gpu=_GPU,
 )
 
 
@@ -222,7 +217,6 @@ ATTENTION_FP8 = Cases(
     layouts=tuple(a for a in LAYOUTS if a != "mixed"), nan=(("q", _fp8_nan),), bad=_fp8_bad,
     strategy=_strategy(tuple(a for a in LAYOUTS if a != "mixed")), close=_fp8_close,
     examples=((torch.float32, {"B": 1, "H": 2, "N": 9, "D": 80}),),
-    gpu=tuple(d for d in _GPU if d["N"] == 197),
 )
 
 
@@ -319,9 +313,12 @@ FP8_BENCH = Bench("TFLOP/s", ("B", "H", "N", "D"),
                   (({"B": 64, "H": 12, "N": 197, "D": 64},), ({"B": 8, "H": 3, "N": 65, "D": 64},)),
                   model_shape=lambda d: {"H": d["H"], "N": d["N"], "D": d["D"]},
                   flops=lambda dims, mode: _flops(dims, "fwd"), bytes=_fp8_bytes, baselines=lambda: [],
-                  compiled=None, model_dims={"layout": "packed"}, modes=("fwd",), gpu_only=True)
+                  compiled=None, model_dims={"layout": "packed"}, modes=("fwd",), gpu_only=True,
+                  gpu_check=({"B": 2, "H": 2, "N": 197, "D": 64},))
 
 BENCH = Bench("TFLOP/s", ("B", "H", "N", "D"), ((), ()), model_shape=lambda d: {"H": d["H"], "N": d["N"],
                                                                                  "D": d["D"]},
               flops=_flops, bytes=_bytes, baselines=_baselines, compiled=None,
-              shapes=_shapes, model_dims={"layout": "packed"}, peers=_peers, note=_note)
+              shapes=_shapes, model_dims={"layout": "packed"}, peers=_peers, note=_note,
+              # the head widths of ViT-B (64), ViT-H/14 (80) and 128, at 197, 257 and 577 tokens
+              gpu_check=tuple({"B": 2, "H": 2, "N": n, "D": d} for d in (64, 80, 128) for n in (197, 257, 577)))
