@@ -10,8 +10,9 @@ import importlib.util
 import pytest
 import torch
 
+import vit_fast
 from vit_fast import bench, cpu_features, envinfo
-from vit_fast.bench import cpu_targets, peaks, report
+from vit_fast.bench import cpu_rows, cpu_targets, peaks, report
 from vit_fast.bench.models import bench_model, model_providers
 from vit_fast.cpu_features import CpuFeatures
 
@@ -71,6 +72,34 @@ def test_a_wrong_bf16_baseline_fails_its_check_and_is_not_timed(monkeypatch):
 
     row = _rows({"timm:eager:bf16"}, quick=True, tweak=broken)["timm:eager:bf16"]
     assert row["status"] == "failed" and "disagrees with the reference" in row["reason"] and "median_ms" not in row
+
+
+def test_a_yardstick_that_cannot_be_built_fails_its_row_and_the_run_goes_on(monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_features", lambda: AMX)
+
+    def broken(kind, base, images):
+        raise RuntimeError("Tensor dtype mismatch! Expected: Float, Got: c10::BFloat16")
+
+    monkeypatch.setattr(cpu_rows, "yardstick", broken)
+    rows = _rows({"timm:eager:bf16", "vit_fast:reference"}, quick=True)
+    assert rows["timm:eager:bf16"]["status"] == "failed" and "median_ms" not in rows["timm:eager:bf16"]
+    assert "its yardstick failed: RuntimeError: Tensor dtype mismatch" in rows["timm:eager:bf16"]["reason"]
+    assert rows["vit_fast:reference"]["status"] == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="PT2E needs the cpu extra (torchao)")
+@pytest.mark.parametrize("kind", ["pt2e:int8", "pt2e:int8+bf16"])
+def test_the_pt2e_yardsticks_run_eagerly(kind):
+    """The +bf16 one under bf16 autocast: the exported graph's dtype assertions (fp32 at export) are gone."""
+    base = vit_fast.create_model("vit_nano_patch2_8").eval()
+    images = torch.randn(4, 1, 8, 8)
+    got = cpu_rows.yardstick(kind, base, images)
+    with torch.no_grad():
+        fp32 = base(images)
+    assert got.dtype == (torch.bfloat16 if kind.endswith("+bf16") else torch.float32)
+    got = got.float()
+    assert got.shape == fp32.shape and torch.isfinite(got).all()
+    assert (got - fp32).abs().max() < 0.2 * fp32.abs().max()  # int8 of the same model, not noise
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "openvino")),

@@ -238,3 +238,9 @@ def test_aoti_package_for_cuda(tmp_path):
     runner = torch._inductor.aoti_load_package(str(tmp_path / "m.aoti.pt2"))
     x = torch.randn(3, 3, 32, 32, device="cuda")
     torch.testing.assert_close(runner(x), _eager(model.cuda(), x), atol=1e-4, rtol=1e-3)
+
+
+def test_the_python_api_is_top_level():
+    import vit_fast
+
+    assert vit_fast.export_model is export_model and "export_model" in vit_fast.__all__

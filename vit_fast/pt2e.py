@@ -71,7 +71,19 @@ def quantize_pt2e(model: nn.Module, calibration: Sequence[torch.Tensor] | None =
             prepared(batch)
         converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
+    _drop_dtype_asserts(converted)
     return torch.compile(converted, dynamic=False, fullgraph=True) if compile else converted
+
+
+def _drop_dtype_asserts(graph: torch.fx.GraphModule) -> None:
+    """torch.export pins the dtype each ``.to()`` saw at export (fp32) with an assertion node; under bf16 autocast
+    (the int8+bf16 path) those dtypes are bf16, so the pinned graph would refuse to run. The assertions compute
+    nothing: they go."""
+    asserts = [n for n in graph.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        graph.graph.erase_node(node)
+    if asserts:
+        graph.recompile()
 
 
 __all__ = ["quantize_pt2e", "unavailable"]

@@ -303,10 +303,15 @@ def bench_model(name: str, batch: int, dtype: torch.dtype, device: torch.device,
             kind = cpu_rows.expect_kind(p)
             if p.name == cpu_rows.OPTIMIZED and mode == "inference" and not p.skip:
                 p, kind = _searched(p, row, base, batch, budget)
-            timing = check_and_time(row, p, partial(case.prepare, p), case.expect_for(p, kind),
-                                    cpu_rows.check_dtype(kind, dtype), timer, budget,
-                                    skip=p.train_skip if mode == "train" else None,
-                                    reserve_s=120 if p.compile else 5, heavy=True)
+            try:
+                expect = case.expect_for(p, kind)
+            except Exception as e:  # noqa: BLE001 - a yardstick that cannot be built fails its row, not the run
+                expect = None
+                row.update(status="failed", reason=f"its yardstick failed: {type(e).__name__}: "
+                                                   f"{(str(e).strip().splitlines() or [''])[0][:200]}")
+            timing = None if expect is None else check_and_time(
+                row, p, partial(case.prepare, p), expect, cpu_rows.check_dtype(kind, dtype), timer, budget,
+                skip=p.train_skip if mode == "train" else None, reserve_s=120 if p.compile else 5, heavy=True)
             gc.collect()  # the provider's model and optimizer are gone: give their memory back
             if device.type == "cuda":
                 torch.cuda.empty_cache()
