@@ -43,7 +43,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def _contenders(name: str, batch: int):
     """(name, callable taking fp32 images) for the pick and each PyTorch way; the pick's search explanation."""
     import timm
-    import torch
 
     import vit_fast
     from vit_fast import cpu_features, cpu_paths
@@ -125,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.model}, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}, commit "
              f"{result['commit']}; {args.rounds} interleaved rounds x {args.calls} calls. Ratio: the baseline's time "
              f"over the contender's, median of the per-round ratios [range].", "",
-             f"| contender | images/s | vs {base} | rel. error vs fp32 | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+             f"| contender | images/s | vs {base} | rel. error vs fp32 | top-1 agreement |",
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['images_per_s']:.1f} | {r['vs_baseline']:.2f}x "
                      f"[{r['vs_baseline_range'][0]:.2f}, {r['vs_baseline_range'][1]:.2f}] | {r['rel_error']:.3g} | "

@@ -431,7 +431,8 @@ def correctness(json_path: str, device: str = "cuda", dtypes: Sequence[str] = gp
 
     rows: list[dict] = []
     dev = torch.device(device)
-    table = {op: ss for op, ss in (gpu_plan.fixed_shapes() if shapes is None else shapes).items() if ops is None or op in ops}
+    declared = gpu_plan.fixed_shapes() if shapes is None else shapes
+    table = {op: ss for op, ss in declared.items() if ops is None or op in ops}
     for op in [op for op in table if op not in OP_BENCHES]:
         rows.append({"op": op, "backend": "-", "dtype": "-", "shape": "-", "status": "SKIP",
                      "detail": "not a bench case (vit_fast.bench.cases) yet: its pytest -m cuda tests cover it"})

@@ -3,10 +3,10 @@
 Budgets are derived, never declared: the compile step's from the CPU seconds ``vit-fast kernels --cold`` measured
 for the shortlisted configs (``kernels/shortlist.py``'s COMPILE_S), shared by the GPU machine's compiler workers;
 every other step's from what it launches, counted from its case lists (each op's ``gpu_check`` shapes, declared in
-its spec, the tune and bench cases, the GPU tests), times a per-launch cost stated here with its reason. ``python benchmarks/gpu_check.py
---plan`` prints the plan on any machine. :class:`Deadline` runs the steps: each gets its budget, never more than
-the time left less what the later steps need at least, is cut (SIGINT, then its partial results are kept) when it
-overruns, and the next step runs all the same.
+its spec, the tune and bench cases, the GPU tests), times a per-launch cost stated here with its reason.
+``python benchmarks/gpu_check.py --plan`` prints the plan on any machine. :class:`Deadline` runs the steps: each
+gets its budget, never more than the time left less what the later steps need at least, is cut (SIGINT, then its
+partial results are kept) when it overruns, and the next step runs all the same.
 
 The check's parent process runs this before vit_fast is built: it imports vit_fast's op specs from the source tree
 (pure Python over torch, about 3 s, no extension and no CUDA context) and nothing else of it.

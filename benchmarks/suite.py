@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vit_fast.bench.cases import DTYPES, OP_BENCHES, OP_MODES
+from vit_fast.bench.cases import DTYPES, OP_BENCHES
 from vit_fast.bench.measure import bench_op_case
 from vit_fast.bench.models import MODEL_MODES, bench_model, default_batch, default_models, model_providers
 from vit_fast.bench.providers import op_providers

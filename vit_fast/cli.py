@@ -75,7 +75,7 @@ COMMANDS = (
             description="Compile every Triton kernel variant the dispatcher can launch at ViT shapes for sm_80 or "
             "sm_90 and read its registers, spills and shared memory from the cubin, and the vit_fast._C kernels' "
             "when the extension is built; theoretical occupancy from the target's per-SM limits."),
-    Command("export", "vit_fast.export", "add_export_arguments", "run",
+    Command("export", "vit_fast.export_cli", "add_export_arguments", "run",
             "a model as ONNX, a torch.export program (.pt2) or an AOTInductor package, checked against eager",
             "Export a run directory, checkpoint, preset or model directory (config.json + model.safetensors) with "
             "torch.onnx's dynamo exporter (checked under onnxruntime), torch.export or AOTInductor, dynamic or "

@@ -30,7 +30,16 @@ import vit_fast
 from vit_fast import backends, policy
 from vit_fast.backends import dtype_name
 from vit_fast.bench.cases import (
-    CPU_BATCHES, CPU_PRESETS, DTYPES, OP_BENCHES, OP_MODES, OPS, OpBench, default_ops, preset_dims)
+    CPU_BATCHES,
+    CPU_PRESETS,
+    DTYPES,
+    OP_BENCHES,
+    OP_MODES,
+    OPS,
+    OpBench,
+    default_ops,
+    preset_dims,
+)
 from vit_fast.bench.measure import Budget, bench_op_case
 from vit_fast.bench.providers import Provider, backend_providers, compile_skip
 from vit_fast.bench.runner import progress
