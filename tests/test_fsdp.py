@@ -24,6 +24,7 @@ from train_launch import (
     free_port,
     memory_record,
     node_cmd,
+    signal_at_step,
     torchrun_cmd,
     train_here,
     train_losses,
@@ -264,17 +265,6 @@ def test_peak_memory_per_rank_shrinks_with_the_sharded_states(tmp_path):
 QUICK = [*RECIPE[:2], "--batch-size", "128", *RECIPE[4:]]  # 11 steps
 
 
-def _stop_at(monkeypatch, step_no: int) -> None:
-    step = trainer.Trainer._train_step
-
-    def signal_at(self, *a):
-        step(self, *a)
-        if self.progress.step == step_no:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(trainer.Trainer, "_train_step", signal_at)
-
-
 def test_fsdp_in_one_process_is_plain_training_with_grad_checkpointing_cpu_offload_and_a_ddp_checkpoint(
         tmp_path, monkeypatch):
     import torch.distributed.fsdp as fsdp
@@ -292,7 +282,7 @@ def test_fsdp_in_one_process_is_plain_training_with_grad_checkpointing_cpu_offlo
     assert all(type(kw["offload_policy"]) is fsdp.OffloadPolicy for kw in policies)
     assert all(kw["mp_policy"].param_dtype is None and kw["mp_policy"].reduce_dtype is None for kw in policies)
     # a DDP (single-file) checkpoint resumed under FSDP, sharded onto CPU offload
-    _stop_at(monkeypatch, 4)
+    signal_at_step(monkeypatch, 4)
     assert run_from_args(build_parser().parse_args(["--out", str(tmp_path / "moved"), "--no-progress", *QUICK])) == 75
     monkeypatch.undo()
     policies.clear()

@@ -11,9 +11,9 @@ import subprocess
 
 import pytest
 import torch
-from train_launch import ENV, check, train_cmd, train_here, train_losses, wait_for, weights
+from train_launch import ENV, check, signal_at_step, train_cmd, train_here, train_losses, wait_for, weights
 
-from vit_fast.train import list_checkpoints, read_metrics, run_from_args, trainer
+from vit_fast.train import list_checkpoints, read_metrics, run_from_args
 from vit_fast.train.preemption import EXIT_PREEMPTED, StopSignals, exit_status
 from vit_fast.train.recipes import build_parser
 
@@ -71,14 +71,7 @@ def test_sigterm_to_the_process_group_checkpoints_the_step_exits_75_and_resumes_
 
 def test_a_signal_in_an_epochs_last_step_stops_after_its_evaluation_and_checkpoint(full, tmp_path, monkeypatch,
                                                                                     capsys):
-    step = trainer.Trainer._train_step
-
-    def signal_at(self, *a):
-        step(self, *a)
-        if self.progress.step == STEPS_PER_EPOCH:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(trainer.Trainer, "_train_step", signal_at)
+    signal_at_step(monkeypatch, STEPS_PER_EPOCH)
     previous = signal.getsignal(signal.SIGUSR1)
     cut = tmp_path / "cut"
     assert run_from_args(build_parser().parse_args(["--out", str(cut), "--no-progress", *COMMON])) == EXIT_PREEMPTED

@@ -4,6 +4,7 @@ node or as two "nodes" on localhost; finding a torchrun worker's pid by its rank
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vit_fast.train import build_parser, read_metrics, train
+from vit_fast.train import build_parser, read_metrics, train, trainer
 
 # One intra-op thread per process: the machine's cores are shared by the processes of a run (and the suite).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,6 +48,18 @@ def node_cmd(port: int, nodes: int, *argv: str) -> list[str]:
     return [*_TORCHRUN, "--nnodes", str(nodes), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "vit-fast-test", "-m", "vit_fast.train",
             "--no-progress", *argv]
+
+
+def signal_at_step(monkeypatch: pytest.MonkeyPatch, step_no: int, sig: int = signal.SIGUSR1) -> None:
+    """This process gets ``sig`` (a preemption's signal) right after training step ``step_no``."""
+    step = trainer.Trainer._train_step
+
+    def signal_at(self, *a):
+        step(self, *a)
+        if self.progress.step == step_no:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", signal_at)
 
 
 def free_port() -> int:
