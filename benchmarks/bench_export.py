@@ -41,19 +41,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _cpu() -> dict:
-    info = {"model": "unknown", "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["model"] == "unknown":
-            info["model"] = value.strip()
-        elif key.strip() == "flags" and not info["flags"]:
-            info["flags"] = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
-    info["logical_cpus"] = os.cpu_count()
-    return info
+    from vit_fast import cpu_features
+
+    return {**cpu_features.cpu_features().as_dict(), "logical_cpus": os.cpu_count()}
 
 
 def _median_s(fn, x, warmup: int, repeats: int) -> float:
