@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import importlib.util
 import math
 import os
 import re
@@ -89,8 +90,8 @@ def shortlist_compile(arch: str = ARCH, path: str | None = None) -> tuple[int, f
 @functools.cache
 def fixed_shapes() -> dict[str, tuple[dict, ...]]:
     """Per op, the shapes its correctness step checks on fixed configs: each spec's ``Bench.gpu_check``."""
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+    if importlib.util.find_spec("vit_fast") is None:  # the parent before the build: the source tree, appended so
+        sys.path.append(REPO)  # that its top-level kernels/ shadows no installed package of that name
     from vit_fast.bench.cases import OP_BENCHES
 
     return {op: b.spec.bench.gpu_check for op, b in OP_BENCHES.items() if b.spec.bench.gpu_check}
