@@ -7,6 +7,11 @@ from pathlib import Path
 
 import torch
 
+# The source root holds kernels/, installed as vit_fast.kernels: on sys.path (python -m pytest from the root) it
+# would shadow the PyPI package "kernels" that transformers imports. vit_fast itself comes from the install.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
 # The suites live in folders (ops/, suites/); what they share lives in support/ and is imported by module name.
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 from collections.abc import Iterator
+
+import torch
 
 CHOICES: tuple[str, ...] = ("auto", "reference", "triton", "cuda")  # "auto" and vit_fast.backends.BACKENDS
 
@@ -23,12 +26,20 @@ def validate(name: str, source: str = "backend") -> str:
 _ENV_BACKEND = os.environ.get("VIT_FAST_BACKEND", "").strip() or "auto"
 _default: str = _ENV_BACKEND  # the process default: set_backend
 _local: contextvars.ContextVar[str | None] = contextvars.ContextVar("vit_fast_backend", default=None)  # use_backend
+# torch.compile reads a ContextVar, guarded, from torch 2.14 on; before, reading one breaks the graph. There a
+# compiled region reads this thread's copy of the choice, which use_backend keeps beside the ContextVar (the
+# compiler reads and guards a threading.local): thread-local, but not asyncio-task-local, under compile.
+_COMPILER_READS_CONTEXTVARS = torch.__version__ >= "2.14"
+_thread = threading.local()
 
 
 def get_backend() -> str:
     """The backend name in force here: this thread's or task's :func:`use_backend` where one is in force, else the
     process default (:func:`set_backend`, else ``$VIT_FAST_BACKEND``, else ``auto``)."""
-    local = _local.get()
+    if not _COMPILER_READS_CONTEXTVARS and torch.compiler.is_compiling():
+        local = getattr(_thread, "name", None)
+    else:
+        local = _local.get()
     if local is not None:
         return local
     return validate(_default, "VIT_FAST_BACKEND" if _default == _ENV_BACKEND else "backend")
@@ -71,10 +82,14 @@ def use_backend(name: str) -> Iterator[str]:
 
     Under ``torch.compile`` the choice is read while tracing and guarded: a compiled function called under a setting
     it has not seen (this one or a :func:`set_backend`) recompiles, and one it has seen reuses its graph; no
-    ``torch._dynamo.reset()`` is needed. The Triton interpreter (``TRITON_INTERPRET=1``, on CPU) is taken as
-    one-thread-only: under it, run the ``triton`` backend from one thread at a time."""
+    ``torch._dynamo.reset()`` is needed. Before torch 2.14 a compiled region sees its thread's choice: two asyncio
+    tasks of one thread that choose differently must not share a compiled function there. The Triton interpreter
+    (``TRITON_INTERPRET=1``, on CPU) is taken as one-thread-only: under it, run the ``triton`` backend from one
+    thread at a time."""
     token = _local.set(validate(name))
+    outer, _thread.name = getattr(_thread, "name", None), name
     try:
         yield name
     finally:
         _local.reset(token)
+        _thread.name = outer
