@@ -159,7 +159,7 @@ ext_modules, cmdclass = cuda_extensions()
 
 setup(
     packages=["vit_fast", "vit_fast.bench", "vit_fast.ops", "vit_fast.ops.attention", "vit_fast.train",
-              "vit_fast.kernels"],
+              "vit_fast.kernels", "vit_fast.kernels.attention"],
     package_dir={"vit_fast": "vit_fast", "vit_fast.kernels": "kernels"},
     # the dispatch policies measured by the project on real GPUs (vit_fast/policy.py reads them)
     package_data={"vit_fast": ["policies/*.json", "pretrained_tags.json"]},

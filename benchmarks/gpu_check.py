@@ -486,15 +486,15 @@ def precompile(json_path: str, jobs: int = gpu_plan.COMPILE_WORKERS) -> int:
 
     import torch
 
-    from vit_fast import kernel_report
+    from vit_fast import kernel_resources
     from vit_fast.fileio import atomic_write
 
     major, minor = torch.cuda.get_device_capability(0)
     arch = f"sm_{major}{minor}"
-    if arch not in kernel_report.LIMITS:
+    if arch not in kernel_resources.LIMITS:
         print(f"no shortlist for {arch}: the kernels compile on first use", flush=True)
         return 0
-    rows = kernel_report.triton_rows(arch, "shortlist", jobs)
+    rows = kernel_resources.triton_rows(arch, "shortlist", jobs)
     atomic_write(json_path, json.dumps({"arch": arch, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
     print(f"precompiled {len(rows)} {arch} variants", flush=True)
     return 0

@@ -252,7 +252,7 @@ _gemm_tuned = triton.autotune(
 
 # The fixed (untuned) config of each epilogue: the first config from this index of CONFIGS on that the pruning keeps,
 # chosen as the largest tile that compiles with no register spills for that epilogue on sm_80 and sm_90
-# (`vit-fast kernels` marks these rows; tests/suites/test_kernel_report.py checks them).
+# (`vit-fast kernels` marks these rows; tests/suites/test_kernel_resources.py checks them).
 FIXED_FROM = {EPI_NONE: 0, EPI_GELU: 0, EPI_GELU_BWD: 0}
 
 

@@ -89,7 +89,7 @@ def _quantize_rows_fwd_kernel(
 
 
 def launch_shape(c: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for rows of width ``c`` (also what vit_fast.kernel_report compiles)."""
+    """(BLOCK_M, BLOCK_C, num_warps) for rows of width ``c`` (also what vit_fast.kernel_resources compiles)."""
     block_c = triton.next_power_of_2(c)
     block_m = max(1, min(16, 4096 // block_c))  # about 4K elements per program: a memory-bound row pass
     return block_m, block_c, min(max(block_m * block_c // 512, 1), 8)

@@ -5,7 +5,7 @@ seconds they took to compile from a cold cache, which the GPU check's plan deriv
 
 Written by ``vit-fast kernels --arch sm_XX --cold --shortlist kernels/shortlist.py`` (with ``--quick``: the fixed
 configs alone, a first shortlist that tunes nothing): rerun it when a kernel or its config list changes
-(tests/suites/test_kernel_report.py checks that every fixed config is listed)."""
+(tests/suites/test_kernel_resources.py checks that every fixed config is listed)."""
 
 SHORTLIST: dict[str, dict[str, list[str]]] = {'sm_80': {'_attention_bwd_delta_kernel': ['64 w4 s3'],
            '_attention_bwd_dkdv_kernel': ['32x64 w4 s2', '32x128 w8 s2', '64x64 w4 s2'],

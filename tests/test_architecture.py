@@ -113,3 +113,11 @@ def test_no_module_over_600_lines():
 def test_no_test_file_over_600_lines():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in (REPO / "tests").rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_an_op_with_several_kernel_files_keeps_them_in_its_folder():
+    """kernels/<op>.py, or kernels/<op>/ once its kernel families are files of their own: never kernels/<op>_*.py
+    beside kernels/<op>.py."""
+    flat = sorted(p.stem for p in (REPO / "kernels").glob("*.py") if p.stem != "__init__")
+    folders = sorted(p.name for p in (REPO / "kernels").iterdir() if (p / "__init__.py").is_file())
+    assert [(a, b) for a in flat + folders for b in flat if b.startswith(a + "_")] == []

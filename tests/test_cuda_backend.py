@@ -107,7 +107,7 @@ def test_pure_python_wheel_without_the_extension(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("vit_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "vit_fast/ops/attention/__init__.py" in names and "vit_fast/ops/attention/cases.py" in names
-    assert "vit_fast/kernels/attention.py" in names
+    assert "vit_fast/kernels/attention/__init__.py" in names and "vit_fast/kernels/attention/tma.py" in names
     assert not [n for n in names if "/_C" in n or n.endswith(".so")]
 
 

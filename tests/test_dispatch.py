@@ -303,9 +303,17 @@ def test_threads_with_their_own_backend_and_model_get_their_single_threaded_resu
     assert not errors, errors
 
 
-def test_a_compiled_function_recompiles_under_another_choice():
+@pytest.mark.parametrize("read", ["contextvar", "thread copy"])
+def test_a_compiled_function_recompiles_under_another_choice(read, monkeypatch):
     """The choice is read while tracing and guarded: a call under a setting not seen before (use_backend's or
-    set_backend's) recompiles, one seen before reuses its graph; no torch._dynamo.reset() is needed."""
+    set_backend's) recompiles, one seen before reuses its graph; no torch._dynamo.reset() is needed. Before torch
+    2.14 the compiler reads the thread's copy of the choice instead of the ContextVar: the same holds."""
+    from vit_fast import setting
+
+    if read == "thread copy":
+        monkeypatch.setattr(setting, "_COMPILER_READS_CONTEXTVARS", False)
+    elif not setting._COMPILER_READS_CONTEXTVARS:
+        pytest.skip(f"torch {torch.__version__} cannot trace a ContextVar")
     x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
     if backends.reasons("triton", "layer_norm", (x, w, b), {}):
         pytest.skip("triton cannot run here")

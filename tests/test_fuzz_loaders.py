@@ -264,7 +264,7 @@ def test_a_mutated_run_summary_is_read_or_refused_naming_the_file(run_dir, data)
 @FUZZ
 @given(data=st.data())
 def test_mutated_metrics_are_read_or_refused_naming_the_file(run_dir, data):
-    from vit_fast.report import load_run
+    from vit_fast.run_report import load_run
     from vit_fast.rundir import RunDirError
 
     metrics = run_dir / "metrics.jsonl"

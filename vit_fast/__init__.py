@@ -15,8 +15,8 @@ from vit_fast.config import ViTConfig, list_models  # noqa: E402
 from vit_fast.explanation import explain  # noqa: E402
 from vit_fast.export import export_model  # noqa: E402
 from vit_fast.factory import create_model, from_pretrained, from_timm, from_torchvision  # noqa: E402
-from vit_fast.inference import optimize_for_inference  # noqa: E402
 from vit_fast.model import VisionTransformer  # noqa: E402
+from vit_fast.predictor import optimize_for_inference  # noqa: E402
 from vit_fast.quantization import load_quantized, quantize, save_quantized  # noqa: E402
 from vit_fast.weights import load_checkpoint, resample_pos_embed  # noqa: E402
 

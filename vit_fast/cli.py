@@ -54,7 +54,7 @@ COMMANDS = (
             "or a preset, with the model's preprocessing; optionally one PNG per image with its attention map "
             "(rollout or one layer's class token) computed alongside the fast forward.",
             (ValueError, FileNotFoundError, KeyError)),
-    Command("report", "vit_fast.report", "add_report_arguments", "run",
+    Command("report", "vit_fast.run_report", "add_report_arguments", "run",
             "training runs side by side: accuracy, size, GFLOPs, speed, curves",
             "A markdown table of `vit-fast train` runs (top-1, top-5, parameters, GFLOPs per image, training and "
             "inference images/s, wall time) and a PNG of their curves.",
@@ -70,7 +70,7 @@ COMMANDS = (
             "processes, a step_NNNNNNNN.pt file, or a run directory's newest) and write the model's weights as one "
             "safetensors file that vit_fast.load_checkpoint, timm and `vit-fast predict` load.",
             (ValueError, FileNotFoundError)),
-    Command(name="kernels", module="vit_fast.kernel_report", add_arguments="add_kernels_arguments", run="main",
+    Command(name="kernels", module="vit_fast.kernel_resources", add_arguments="add_kernels_arguments", run="main",
             help="registers, spills, shared memory and occupancy of every kernel variant (no GPU needed)",
             description="Compile every Triton kernel variant the dispatcher can launch at ViT shapes for sm_80 or "
             "sm_90 and read its registers, spills and shared memory from the cubin, and the vit_fast._C kernels' "

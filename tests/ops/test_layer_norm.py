@@ -229,4 +229,4 @@ def test_layer_norm_kernel_keeps_its_plain_variant():
     assert_close(y, F.layer_norm(x, (48,), w, b, 1e-6), F.layer_norm(x.double(), (48,), w.double(), b.double(), 1e-6))
 
 
-# ---- GPU code generation without a GPU: tests/suites/test_kernel_report.py compiles every variant for sm_80/sm_90 ----
+# ---- GPU code generation without a GPU: tests/suites/test_kernel_resources.py compiles each variant for sm_80/90 ----

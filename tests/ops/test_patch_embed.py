@@ -372,4 +372,4 @@ def test_cuda_kernels_strided_images_no_cls_no_bias():
     check_oracle("patch_embed", "cuda", (images, weight, None), {})
 
 
-# ---- GPU code generation without a GPU: tests/suites/test_kernel_report.py compiles every variant for sm_80/sm_90 ----
+# ---- GPU code generation without a GPU: tests/suites/test_kernel_resources.py compiles each variant for sm_80/90 ----

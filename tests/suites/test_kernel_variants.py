@@ -5,7 +5,7 @@ the fused dK/dV/dQ attention backward) are in its op's file, tests/ops/test_<op>
 The interpreter runs descriptor loads and stores (tl.make_tensor_descriptor's host-side TensorDescriptor) as
 gathers with zero padding, so their boxes, offsets and edge handling are checked here; what it cannot show is the
 TMA hardware path itself (cp.async.bulk.tensor, mbarriers, the persistent schedule's overlap), which only the
-sm_90 compiles of tests/suites/test_kernel_report.py (PTX) and a GPU run see."""
+sm_90 compiles of tests/suites/test_kernel_resources.py (PTX) and a GPU run see."""
 
 from __future__ import annotations
 

@@ -333,6 +333,7 @@ def _variant_marks() -> tuple[pytest.MarkDecorator, pytest.MarkDecorator]:
 
 
 # Kernel-variant tests: the interpreter runs descriptor loads and stores (tensor descriptors) as gathers with zero
-# padding; the TMA hardware path itself only the sm_90 compiles (tests/suites/test_kernel_report.py) and a GPU run see.
+# padding; the TMA hardware path itself only the sm_90 compiles (tests/suites/test_kernel_resources.py) and a GPU
+# run see.
 needs_interpreter, needs_tma = _variant_marks() if backends.unavailable("triton") is None else (
     pytest.mark.skip(reason=str(backends.unavailable("triton"))),) * 2

@@ -18,9 +18,9 @@ every key block; its prologue computes delta = rowsum(dO * O) of its block and s
 one program per key block looping over every query block.
 
 Variants (:func:`vit_fast.kernels.use_variant`): on sm_90 the forward takes its TMA-descriptor kernel where the
-layout allows (:mod:`vit_fast.kernels.attention_tma`), and the backward can run as one fused dK/dV/dQ kernel with
-fp32 atomics for dQ (:mod:`vit_fast.kernels.attention_fused`), a candidate the tuner times beside this one. What
-they share (the head-dim split, row-tile loads, the config pruning) is :mod:`vit_fast.kernels.attention_parts`.
+layout allows (:mod:`vit_fast.kernels.attention.tma`), and the backward can run as one fused dK/dV/dQ kernel with
+fp32 atomics for dQ (:mod:`vit_fast.kernels.attention.fused`), a candidate the tuner times beside this one. What
+they share (the head-dim split, row-tile loads, the config pruning) is :mod:`vit_fast.kernels.attention.parts`.
 
 Layouts: the forward output is allocated with (B, N, H, D) memory and returned as a (B, H, N, D) view, so
 ``o.transpose(1, 2).reshape(B, N, H * D)`` is free. The gradients go wherever the caller's views point: three
@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 import vit_fast.kernels as kernels
-from vit_fast.kernels import attention_fused, attention_tma, empty, interpreting, on_inputs_device
-from vit_fast.kernels.attention_parts import (  # noqa: F401 - _SMEM_BUDGET, head_split: this module's names too
+from vit_fast.kernels import empty, interpreting, on_inputs_device
+from vit_fast.kernels.attention import fused, tma
+from vit_fast.kernels.attention.parts import (  # noqa: F401 - _SMEM_BUDGET, head_split: this module's names too
     _DKDV_CONFIGS,
     _DQ_CONFIGS,
     _FWD_CONFIGS,
@@ -364,9 +365,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = _bhnd_view_of_bnhd(B, H, N, D, dtype=q.dtype, device=q.device)
     lse = empty((B, H, N), dtype=torch.float32, device=q.device)
     variant = kernels.pick_variant("attention_fwd", "tma" if q.is_cuda else "pointer",
-                                   lambda v_: None if v_ == "pointer" else attention_tma.reason(q, k, v, out))
+                                   lambda v_: None if v_ == "pointer" else tma.reason(q, k, v, out))
     if variant == "tma":
-        attention_tma.forward(q, k, v, out, lse, scale)
+        tma.forward(q, k, v, out, lse, scale)
     else:
         _forward(q, k, v, out, lse, scale, **_head_consts(q))
     return out, lse
@@ -412,9 +413,9 @@ def attention_fwd_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _backward(dout, q, k, v, out, lse, scale, dq, dk, dv) -> None:
     """Launch the dQ kernel (which also writes delta), then the dK/dV kernel that reads it, into the given views;
-    or, as the variant chosen, the fused backward (:mod:`vit_fast.kernels.attention_fused`)."""
+    or, as the variant chosen, the fused backward (:mod:`vit_fast.kernels.attention.fused`)."""
     if kernels.pick_variant("attention_bwd", "split", lambda v_: None) == "fused":
-        attention_fused.backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
+        fused.backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
         return
     B, H, N, D = q.shape
     lse = lse.contiguous()

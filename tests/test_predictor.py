@@ -12,7 +12,7 @@ import torch
 import vit_fast
 from vit_fast import cpu_features, cpu_paths
 from vit_fast.cpu_paths import Candidate, Runner
-from vit_fast.inference import Predictor, optimize_for_inference
+from vit_fast.predictor import Predictor, optimize_for_inference
 
 
 def _model(device: str = "cpu") -> torch.nn.Module:

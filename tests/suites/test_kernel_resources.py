@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from vit_fast import kernel_report
+from vit_fast import kernel_resources
 
 _SAMPLE = """
 Fatbin elf code:
@@ -33,17 +33,17 @@ arch = sm_90
 
 
 def test_resource_usage_is_read_per_arch():
-    (sm90,) = kernel_report.parse_resource_usage(_SAMPLE, "sm_90")
+    (sm90,) = kernel_resources.parse_resource_usage(_SAMPLE, "sm_90")
     assert sm90 == {"name": "_Z9ln_kernelIfEvPKT_", "arch": "sm_90", "regs": 40, "stack": 8, "shared": 2048,
                     "local": 8}
-    assert [f["regs"] for f in kernel_report.parse_resource_usage(_SAMPLE)] == [32, 40]
+    assert [f["regs"] for f in kernel_resources.parse_resource_usage(_SAMPLE)] == [32, 40]
 
 
 def test_occupancy_formula():
-    assert kernel_report.occupancy("sm_90", 32, 0, 4) == 1.0  # 16 blocks of 4 warps: every warp slot
-    assert kernel_report.occupancy("sm_90", 255, 0, 4) == 0.125  # 256 regs x 128 threads: 2 blocks
-    assert kernel_report.occupancy("sm_80", 64, 100 * 1024, 4) == 4 / 64  # shared memory: one block per SM
-    assert kernel_report.occupancy("sm_80", 64, 200 * 1024, 4) == 0.0  # over sm_80's per-block limit
+    assert kernel_resources.occupancy("sm_90", 32, 0, 4) == 1.0  # 16 blocks of 4 warps: every warp slot
+    assert kernel_resources.occupancy("sm_90", 255, 0, 4) == 0.125  # 256 regs x 128 threads: 2 blocks
+    assert kernel_resources.occupancy("sm_80", 64, 100 * 1024, 4) == 4 / 64  # shared memory: one block per SM
+    assert kernel_resources.occupancy("sm_80", 64, 200 * 1024, 4) == 0.0  # over sm_80's per-block limit
 
 
 def _report(arch: str, quick: bool) -> dict:
@@ -58,7 +58,7 @@ def _report(arch: str, quick: bool) -> dict:
 
 def _check(report: dict, arch: str, quick: bool) -> None:
     rows = report["triton"]
-    assert len(rows) == len(kernel_report.variants(arch, "fixed" if quick else "all"))  # every variant compiled
+    assert len(rows) == len(kernel_resources.variants(arch, "fixed" if quick else "all"))  # every variant compiled
     assert all(r["regs"] and r["smem"] is not None and r["compile_s"] is not None for r in rows)
     # Every variant is sized at ViT-B/L shapes except attention's head dims 80 and 128 (ViT-H, ViT-g).
     vit_b_l = [r for r in rows if not r["kernel"].startswith("attention") or r["shape"] == "D=64"]
@@ -96,20 +96,20 @@ def test_every_variant_compiles_without_spills(arch):
 
 
 def _row(config: str, spills: int = 0, fixed: bool = False, family: str = "_k", occupancy: float = 0.5):
-    return kernel_report.Row("k", "bf16", "s", config, 100, spills, 1024, occupancy, fixed=fixed, family=family,
+    return kernel_resources.Row("k", "bf16", "s", config, 100, spills, 1024, occupancy, fixed=fixed, family=family,
                              compile_s=1.5)
 
 
 def test_the_shortlist_is_the_fixed_configs_then_the_next_clean_ones():
     rows = [_row("a", fixed=True), _row("b", spills=4), _row("c"), _row("d", occupancy=0.0), _row("e"), _row("f"),
             _row("c", family="_other", fixed=True)]
-    chosen, cost = kernel_report.shortlist(rows)
+    chosen, cost = kernel_resources.shortlist(rows)
     assert chosen == {"_k": ["a", "c", "e"], "_other": ["c"]}  # b spills, d does not fit: never listed
     assert cost["_k"] == {"rows": 3, "seconds": 4.5} and cost["_other"] == {"rows": 1, "seconds": 1.5}
 
 
 def test_the_table_marks_fixed_configs_and_tma():
-    table = kernel_report.format_table("sm_90", [dataclasses.replace(_row("a", fixed=True), tma=True, wgmma=True),
+    table = kernel_resources.format_table("sm_90", [dataclasses.replace(_row("a", fixed=True), tma=True, wgmma=True),
                                                  _row("b")])
     assert "| fixed | TMA | wgmma |" in table.splitlines()[0]
     assert "| a | yes | yes | yes |" in table and "| b |  |  |  |" in table
@@ -123,7 +123,7 @@ def test_every_fixed_config_is_in_the_arch_shortlist(arch):
 
     if arch not in SHORTLIST:
         pytest.skip(f"kernels/shortlist.py lists nothing for {arch} (vit-fast kernels --shortlist writes it)")
-    missing = sorted({f"{v.family}: {v.config}" for v in kernel_report.variants(arch, "fixed")
+    missing = sorted({f"{v.family}: {v.config}" for v in kernel_resources.variants(arch, "fixed")
                       if v.fixed and v.config not in SHORTLIST[arch].get(v.family, [v.config])})
     assert not missing, missing
 
@@ -132,7 +132,7 @@ _IMPRECISE = """
 import re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vit_fast import kernel_report as kr
+from vit_fast import kernel_resources as kr
 
 for v in [v for v in kr.variants("sm_90", "fixed") if v.kernel.startswith("scaled_gemm")]:
     names = v.fn.arg_names

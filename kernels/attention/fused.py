@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 import vit_fast.kernels as kernels
 from vit_fast.kernels import empty
-from vit_fast.kernels.attention_parts import (
+from vit_fast.kernels.attention.parts import (
     _DKDV_CONFIGS,
     LOG2E,
     _dot_pair,

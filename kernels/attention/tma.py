@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 import vit_fast.kernels as kernels
-from vit_fast.kernels.attention_parts import (
+from vit_fast.kernels.attention.parts import (
     _FWD_CONFIGS,
     LOG2E,
     _launch,

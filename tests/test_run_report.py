@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vit_fast
 from vit_fast.cli import main
 from vit_fast.config import get_config
-from vit_fast.report import vit_flops
+from vit_fast.run_report import vit_flops
 
 NANO = "vit_nano_patch2_8"
 

@@ -154,8 +154,8 @@ def _tma(dt: str, *block: int) -> str:
 
 def _attention() -> Iterator[Variant]:
     from vit_fast.kernels import attention as a
-    from vit_fast.kernels import attention_fused as f
-    from vit_fast.kernels import attention_tma as t
+    from vit_fast.kernels.attention import fused as f
+    from vit_fast.kernels.attention import tma as t
 
     for dt in _DTYPES:
         types = dict.fromkeys(("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ"), f"*{dt}")
@@ -352,7 +352,8 @@ def variants(arch: str, mode: str = "all") -> list[Variant]:
     """Every Triton variant for ``arch`` (the tuning pruners see the target's shared memory per block) at each
     config ``mode`` asks for (:data:`MODES`)."""
     import vit_fast.kernels as kernels_pkg
-    from vit_fast.kernels import attention_parts, gemm, patch_embed, scaled_gemm
+    from vit_fast.kernels import gemm, patch_embed, scaled_gemm
+    from vit_fast.kernels.attention import parts as attention_parts
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -539,7 +540,7 @@ seconds they took to compile from a cold cache, which the GPU check's plan deriv
 
 Written by ``vit-fast kernels --arch sm_XX --cold --shortlist kernels/shortlist.py`` (with ``--quick``: the fixed
 configs alone, a first shortlist that tunes nothing): rerun it when a kernel or its config list changes
-(tests/suites/test_kernel_report.py checks that every fixed config is listed)."""
+(tests/suites/test_kernel_resources.py checks that every fixed config is listed)."""
 
 
 def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
@@ -571,7 +572,7 @@ def main(args: argparse.Namespace) -> int:
         # Under the interpreter triton.jit gives functions that do not compile for a GPU: run in a process
         # without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "vit_fast.kernel_report", *_argv(args)], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "vit_fast.kernel_resources", *_argv(args)], env=env).returncode
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         print("triton's NVIDIA backend is not installed", file=sys.stderr)
         return 1

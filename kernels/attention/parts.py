@@ -1,5 +1,5 @@
 """What the attention kernels share (:mod:`vit_fast.kernels.attention` and its variants
-:mod:`~vit_fast.kernels.attention_tma` and :mod:`~vit_fast.kernels.attention_fused`): the head-dim split, the
+:mod:`~vit_fast.kernels.attention.tma` and :mod:`~vit_fast.kernels.attention.fused`): the head-dim split, the
 masked row-tile loads and stores, the grid mapping, the config pruning and the launch with its interpreter config.
 """
 
