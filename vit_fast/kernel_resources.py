@@ -1,10 +1,10 @@
 """``vit-fast kernels``: registers, spills, shared memory and theoretical occupancy of every kernel variant.
 
-Every Triton kernel variant the dispatcher can launch at ViT shapes (each kernel x head dim or width x dtype x
-each tuning config its pruning keeps on the target) is compiled for sm_80 or sm_90 without a GPU
-(``triton.compile`` with a ``GPUTarget``), and its resources are read from the cubin with the ``cuobjdump``
-Triton ships. The ``vit_fast._C`` extension's CUDA kernels are read the same way from the built library, when
-it and a ``cuobjdump`` are present.
+Every Triton kernel variant the dispatcher can launch at ViT shapes (each kernel x head dim or width x dtype x each
+tuning config its pruning keeps on the target) is compiled for sm_80 or sm_90 without a GPU (``triton.compile``
+with a ``GPUTarget``), and its resources are read from the cubin with the ``cuobjdump`` Triton ships. The
+``vit_fast._C`` extension's CUDA kernels are read the same way from the built library, when it and a ``cuobjdump``
+are present.
 
 Each row also says whether its config is the kernel's fixed one (``fixed``: what a launch outside the autotuner
 runs: ``VIT_FAST_AUTOTUNE=0``, the GPU check's correctness step, graph capture), whether its PTX moves tiles by
@@ -516,7 +516,7 @@ def shortlist(rows: list[Row]) -> tuple[dict[str, list[str]], dict[str, dict[str
 
 
 def write_shortlist(path: str, arch: str, rows: list[Row]) -> None:
-    """Write (or update ``arch``'s part of) the shortlist module at ``path`` (kernels/shortlist.py)."""
+    """Write (or update ``arch``'s part of) the shortlist module at ``path`` (kernels/shortlist.py), in 120 columns."""
     import pprint
 
     from vit_fast.fileio import atomic_write
@@ -527,10 +527,9 @@ def write_shortlist(path: str, arch: str, rows: list[Row]) -> None:
             exec(compile(f.read(), path, "exec"), found)  # noqa: S102 - the module this function wrote
     short, cost = dict(found.get("SHORTLIST", {})), dict(found.get("COMPILE_S", {}))
     short[arch], cost[arch] = shortlist(rows)
-    text = (f'"""{_SHORTLIST_DOC}"""\n\nSHORTLIST: dict[str, dict[str, list[str]]] = '
-            f"{pprint.pformat(short, width=110, sort_dicts=True)}\n\n"
-            f"COMPILE_S: dict[str, dict[str, dict[str, float]]] = {pprint.pformat(cost, width=110, sort_dicts=True)}\n")
-    atomic_write(path, text)
+    names = ("SHORTLIST: dict[str, dict[str, list[str]]]", "COMPILE_S: dict[str, dict[str, dict[str, float]]]")
+    atomic_write(path, f'"""{_SHORTLIST_DOC}"""\n\n' + "\n".join(f"{t} = {pprint.pformat(v, width=116 - len(t))}\n"
+                                                              for t, v in zip(names, (short, cost), strict=True)))
 
 
 _SHORTLIST_DOC = """The Triton configs a launch on each GPU architecture tunes over: per kernel function, its fixed

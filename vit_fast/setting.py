@@ -87,9 +87,9 @@ def use_backend(name: str) -> Iterator[str]:
     (``TRITON_INTERPRET=1``, on CPU) is taken as one-thread-only: under it, run the ``triton`` backend from one
     thread at a time."""
     token = _local.set(validate(name))
-    outer, _thread.name = getattr(_thread, "name", None), name
+    _thread.name = name
     try:
         yield name
     finally:
         _local.reset(token)
-        _thread.name = outer
+        _thread.name = _local.get()  # this task's outer choice: blocks of interleaved tasks leave no stale copy

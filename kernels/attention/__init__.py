@@ -45,6 +45,7 @@ from vit_fast.kernels.attention.parts import (  # noqa: F401 - _SMEM_BUDGET, hea
     _SMEM_BUDGET,
     LOG2E,
     _config,
+    _dkdv_tile,
     _dot_pair,
     _head_consts,
     _launch,
@@ -232,35 +233,6 @@ def _attention_bwd_dq_kernel(
                 mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1)
 
 
-@triton.jit
-def _dkdv_tile(k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, start_m, N, stride_qn, stride_qd, stride_don,
-               stride_dod, dk0, dk1, dv0, dv1, qk_scale, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
-               MASK_M: tl.constexpr):  # fmt: skip
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    q0, q1 = _rows_pair(q_base, offs_m, stride_qn, stride_qd, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
-    do0, do1 = _rows_pair(do_base, offs_m, stride_don, stride_dod, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
-    if MASK_M:
-        lse2 = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-    else:
-        lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m)
-    st = _dot_pair(k0, k1, q0, q1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
-    # Padded query rows load q = dO = lse = delta = 0: their pt is 1, but they add nothing to dv or dk.
-    pt = tl.exp2(st * qk_scale - lse2[None, :])
-    dv0 = tl.dot(pt.to(do0.dtype), do0, dv0, input_precision=INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        dv1 = tl.dot(pt.to(do1.dtype), do1, dv1, input_precision=INPUT_PRECISION)
-    dpt = _dot_pair(v0, v1, do0, do1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
-    dst = pt * (dpt - delta[None, :])
-    dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=INPUT_PRECISION)
-    return dk0, dk1, dv0, dv1
-
-
 # The signature repeats the dQ kernel's: a Triton kernel takes each tensor as a pointer plus its strides. The P and
 # dP recompute repeats too: the backward is deterministic by design (no atomics), so each of the two kernels
 # recomputes the tile it reduces over (keys for dQ, queries for dK/dV).
@@ -310,13 +282,13 @@ def _attention_bwd_dkdv_kernel(
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, q_base, do_base, LSE + bh * N, DELTA + bh * N, start_m, N,
-                                        stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale,
-                                        INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, False)
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N, DK,
+                                        start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1,
+                                        qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, False, False)
     for start_m in range(m_full, N, BLOCK_M):  # the partial last tile, if any
-        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, q_base, do_base, LSE + bh * N, DELTA + bh * N, start_m, N,
-                                        stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale,
-                                        INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, True)
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N, DK,
+                                        start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1,
+                                        qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
 
     _store_pair(DK + b * stride_dkb + h * stride_dkh, dk0 * scale, dk1 * scale, offs_n, stride_dkn, stride_dkd,
                 mask_n, HEAD_DIM, BLOCK_D, BLOCK_D1)

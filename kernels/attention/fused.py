@@ -18,10 +18,9 @@ from vit_fast.kernels import empty
 from vit_fast.kernels.attention.parts import (
     _DKDV_CONFIGS,
     LOG2E,
-    _dot_pair,
+    _dkdv_tile,
     _head_consts,
     _launch,
-    _part,
     _program_block,
     _prune,
     _rows_pair,
@@ -53,46 +52,6 @@ def _attention_bwd_delta_kernel(
     if BLOCK_D1 > 0:
         delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), axis=1)
     tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
-
-
-@triton.jit
-def _add_dq(dq_base, ds, k, offs_m, mask_m, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
-            SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
-    """dQ[rows] += dS k for one head-dim part, into the contiguous fp32 (N, D) buffer at dq_base."""
-    offs_d, mask_d = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, SECOND)
-    part = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, part width)
-    ptrs = dq_base + offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.atomic_add(ptrs, part, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
-
-
-@triton.jit
-def _fused_tile(k0, k1, v0, v1, mask_n, q_base, do_base, lse_base, delta_base, dq_base, start_m, N, stride_qn,
-                stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale, INPUT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
-                MASK_M: tl.constexpr):  # fmt: skip
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    q0, q1 = _rows_pair(q_base, offs_m, stride_qn, stride_qd, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
-    do0, do1 = _rows_pair(do_base, offs_m, stride_don, stride_dod, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
-    lse2 = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-    st = _dot_pair(k0, k1, q0, q1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
-    # Padded keys (k = 0) would get exp2(-lse2), which may overflow and turn dQ's 0 * inf into NaN: zeroed.
-    # Padded query rows load q = dO = lse = delta = 0 and add nothing to dK, dV; their dQ rows are masked.
-    pt = tl.where(mask_n[:, None], tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
-    dv0 = tl.dot(pt.to(do0.dtype), do0, dv0, input_precision=INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        dv1 = tl.dot(pt.to(do1.dtype), do1, dv1, input_precision=INPUT_PRECISION)
-    dpt = _dot_pair(v0, v1, do0, do1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
-    dst = pt * (dpt - delta[None, :])
-    dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=INPUT_PRECISION)
-    ds = tl.trans(dst)  # (BLOCK_M, BLOCK_N)
-    _add_dq(dq_base, ds, k0, offs_m, mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1, False, INPUT_PRECISION)
-    if BLOCK_D1 > 0:
-        _add_dq(dq_base, ds, k1, offs_m, mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1, True, INPUT_PRECISION)
-    return dk0, dk1, dv0, dv1
 
 
 # The signature repeats the dK/dV kernel's plus the dQ buffer: a Triton kernel takes each tensor as a pointer plus
@@ -145,15 +104,15 @@ def _attention_bwd_fused_kernel(
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _fused_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N,
-                                         dq_base, start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1,
-                                         dv0, dv1, qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1,
-                                         False)
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N,
+                                        dq_base, start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1,
+                                        dv0, dv1, qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1,
+                                        False, True)
     for start_m in range(m_full, N, BLOCK_M):  # the partial last tile, if any
-        dk0, dk1, dv0, dv1 = _fused_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N,
-                                         dq_base, start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1,
-                                         dv0, dv1, qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1,
-                                         True)
+        dk0, dk1, dv0, dv1 = _dkdv_tile(k0, k1, v0, v1, mask_n, q_base, do_base, LSE + bh * N, DELTA + bh * N,
+                                        dq_base, start_m, N, stride_qn, stride_qd, stride_don, stride_dod, dk0, dk1,
+                                        dv0, dv1, qk_scale, INPUT_PRECISION, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D1,
+                                        True, True)
 
     _store_pair(DK + b * stride_dkb + h * stride_dkh, dk0 * scale, dk1 * scale, offs_n, stride_dkn, stride_dkd,
                 mask_n, HEAD_DIM, BLOCK_D, BLOCK_D1)

@@ -105,6 +105,55 @@ def _program_block(N, H, BLOCK: tl.constexpr):
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64), start
 
 
+@triton.jit
+def _add_dq(dq_base, ds, k, offs_m, mask_m, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+            SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """dQ[rows] += dS k for one head-dim part, into the contiguous fp32 (N, D) buffer at dq_base."""
+    offs_d, mask_d = _part(HEAD_DIM, BLOCK_D, BLOCK_D1, SECOND)
+    part = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, part width)
+    ptrs = dq_base + offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.atomic_add(ptrs, part, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
+
+
+@triton.jit
+def _dkdv_tile(k0, k1, v0, v1, mask_n, q_base, do_base, lse_base, delta_base, dq_base, start_m, N, stride_qn,
+               stride_qd, stride_don, stride_dod, dk0, dk1, dv0, dv1, qk_scale, INPUT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+               MASK_M: tl.constexpr, ADD_DQ: tl.constexpr):  # fmt: skip
+    """One query tile's share of a key block's dK and dV; with ADD_DQ (the fused backward) also the key block's share
+    of those queries' dQ, added into the fp32 buffer at dq_base."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    q0, q1 = _rows_pair(q_base, offs_m, stride_qn, stride_qd, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    do0, do1 = _rows_pair(do_base, offs_m, stride_don, stride_dod, mask_m, MASK_M, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    if MASK_M:
+        lse2 = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m)
+    st = _dot_pair(k0, k1, q0, q1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
+    # Padded query rows load q = dO = lse = delta = 0: their pt is 1, but they add nothing to dv or dk (and their
+    # dQ rows are masked).
+    pt = tl.exp2(st * qk_scale - lse2[None, :])
+    if ADD_DQ:  # padded keys (k = 0) would get exp2(-lse2), which may overflow and turn dQ's 0 * inf into NaN
+        pt = tl.where(mask_n[:, None], pt, 0.0)
+    dv0 = tl.dot(pt.to(do0.dtype), do0, dv0, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dv1 = tl.dot(pt.to(do1.dtype), do1, dv1, input_precision=INPUT_PRECISION)
+    dpt = _dot_pair(v0, v1, do0, do1, INPUT_PRECISION, BLOCK_D1)  # (BLOCK_N, BLOCK_M)
+    dst = pt * (dpt - delta[None, :])
+    dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=INPUT_PRECISION)
+    if ADD_DQ:
+        ds = tl.trans(dst)  # (BLOCK_M, BLOCK_N)
+        _add_dq(dq_base, ds, k0, offs_m, mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1, False, INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            _add_dq(dq_base, ds, k1, offs_m, mask_m, HEAD_DIM, BLOCK_D, BLOCK_D1, True, INPUT_PRECISION)
+    return dk0, dk1, dv0, dv1
+
+
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
