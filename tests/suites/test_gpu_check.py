@@ -121,10 +121,9 @@ def test_a_late_step_keeps_its_floor_when_time_is_short(gp):
     assert deadline.limit(steps, 2) == gp.FLOOR_S
 
 
-def test_gpu_flow_with_the_gpu_faked(tmp_path, monkeypatch, capsys):
-    """The GPU branch: steps in the plan's order, the facts on fixed configs, tune per op into policy parts merged
-    into one policy, every step inside its limit."""
-    gc = _load("gpu_check")
+def _fake_gpu(gc, monkeypatch, tmp_path, fail: tuple[str, ...] = ()):
+    """gpu_check with its GPU, children and environment faked; the steps named in ``fail`` (an op's correctness,
+    "tests", "import": vit_fast not importable as installed) fail. Returns the commands run and started."""
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     monkeypatch.setattr(gc, "environment", lambda commit=None: {
         "time": "2026-01-01T00:00:00+00:00", "python": "3", "torch": "2.11", "torch_cuda": "13.0",
@@ -142,18 +141,37 @@ def test_gpu_flow_with_the_gpu_faked(tmp_path, monkeypatch, capsys):
             return 0
 
     def fake_run(cmd, log, timeout, env=None, cwd=gc.REPO):
-        ran.append((cmd, timeout, env))
+        ran.append((cmd, timeout, env, cwd))
+        text, rc = ("===== 1 failed, 2 passed in 2.00s =====\n", 1) if "pytest" in cmd and "tests" in fail else (
+            "===== 3 passed in 2.00s =====\n" if "pytest" in cmd else "ok\n", 0)
         with open(log, "w") as f:
-            f.write("===== 3 passed in 2.00s =====\n" if "pytest" in cmd else "ok\n")
+            f.write(text)
         if "merge-policy" in cmd:
             folder = env["VIT_FAST_POLICY"]
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "nvidia-h200-sm90.json"), "w") as f:
                 f.write("{}")
-        return 0, 1.0
+        if "correctness" in cmd and cmd[cmd.index("--ops") + 1] in fail:
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"rows": [{"op": "attention", "backend": "cuda", "status": "FAIL"}]}, f)
+            rc = 1
+        if "bench" in cmd:
+            with open(os.path.join(cmd[cmd.index("--out") + 1], "results.json"), "w") as f:
+                json.dump({"rows": []}, f)
+        if "-c" in cmd and "import" in fail:
+            rc = 1
+        return rc, 1.0
 
     monkeypatch.setattr(gc, "run_logged", fake_run)
     monkeypatch.setattr(gc.subprocess, "Popen", FakePopen)
+    return ran, started
+
+
+def test_gpu_flow_with_the_gpu_faked(tmp_path, monkeypatch, capsys):
+    """The GPU branch: steps in the plan's order, the facts on fixed configs, tune per op into policy parts merged
+    into one policy, every step inside its limit."""
+    gc = _load("gpu_check")
+    ran, started = _fake_gpu(gc, monkeypatch, tmp_path)
     assert gc.main(["--deadline-s", "420"]) == 0
     text = capsys.readouterr().out
     assert started and "--child" in started[0] and "precompile" in started[0]  # beside the build
@@ -162,14 +180,40 @@ def test_gpu_flow_with_the_gpu_faked(tmp_path, monkeypatch, capsys):
     order = [next(op for op in ("layernorm_mlp", "attention", "scaled_linear", "patch_embed", "layer_norm")
                   if op in s) for s in steps if "--child correctness" in s]
     assert order == ["layernorm_mlp", "attention", "scaled_linear", "patch_embed", "layer_norm"]
-    correctness_envs = [e for c, _, e in ran if "correctness" in c]
+    correctness_envs = [e for c, _, e, _ in ran if "correctness" in c]
     assert all(e["VIT_FAST_AUTOTUNE"] == "0" for e in correctness_envs)
-    tunes = [c for c, *_ in ran if "tune" in c]
-    assert [c[c.index("--ops") + 1] for c in tunes] == ["layernorm_mlp", "attention", "scaled_linear", "attention_fp8",
-                                                        "patch_embed", "layer_norm"]
-    assert all("VIT_FAST_AUTOTUNE" not in e for c, _, e in ran if "tune" in c)  # timed as users run
-    assert any("--tool" in c and "memcheck" in c for c, *_ in ran) and "-m cuda" in " ".join(ran[-1][0])
-    assert all(t <= 420 for _, t, _ in ran)
+    tunes = [(c, t) for c, t, *_ in ran if "tune" in c]
+    assert [c[c.index("--ops") + 1] for c, _ in tunes] == ["layernorm_mlp", "attention", "scaled_linear",
+                                                           "attention_fp8", "patch_embed", "layer_norm"]
+    assert all(float(c[c.index("--budget-s") + 1]) < t for c, t in tunes)  # tune stops before it is cut
+    assert all("VIT_FAST_AUTOTUNE" not in e for c, _, e, _ in ran if "tune" in c)  # timed as users run
+    (memcheck,) = [(c, e) for c, _, e, _ in ran if "memcheck" in c]
+    assert memcheck[1]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" and memcheck[1]["VIT_FAST_AUTOTUNE"] == "0"
+    assert any("racecheck" in c and c[-2:] == ["--child", "sanitize"] for c, *_ in ran)
+    bench_at = next(i for i, (c, *_) in enumerate(ran) if "bench" in c)
+    assert any("compare.py" in c[1] for c, *_ in ran[bench_at + 1:])  # the regression check reads its results
+    assert "-m cuda" in " ".join(ran[-1][0])
+    assert all(t <= 420 for _, t, *_ in ran)
     assert "| layernorm_mlp | PASS |" in text and "as vit_fast/policies/nvidia-h200-sm90.json" in text
     delivered = set(os.listdir(tmp_path / "out"))
-    assert {"summary.md", "nvidia-h200-sm90.json"} <= delivered
+    assert {"summary.md", "results.json", "nvidia-h200-sm90.json"} <= delivered and any(
+        n.endswith(".tar.gz") for n in delivered), delivered
+
+
+def test_gpu_flow_reports_each_failure_and_runs_every_later_step(tmp_path, monkeypatch, capsys):
+    """A GPU run is too rare to stop early: a failing correctness step, a failed import as installed and failing
+    GPU tests each get a FAIL row with its detail, every later step still runs (from the source tree once the
+    install does not import), and the exit status is 1."""
+    gc = _load("gpu_check")
+    ran, _ = _fake_gpu(gc, monkeypatch, tmp_path, fail=("attention", "tests", "import"))
+    assert gc.main(["--deadline-s", "420"]) == 1
+    text = capsys.readouterr().out
+    assert "| attention | FAIL |" in text and "1 failed (attention/cuda)" in text
+    assert "| build | FAIL |" in text and "the later steps run from the source tree" in text
+    assert "| tests | FAIL |" in text and "1 failed, 2 passed in 2.00s" in text
+    assert "| layer_norm | PASS |" in text and "-m cuda" in " ".join(ran[-1][0])  # after the failures, still run
+    pip_at = next(i for i, (c, *_) in enumerate(ran) if "pip" in c)
+    later = ran[pip_at + 2:]  # after the build and its import probe
+    overlay = later[0][3]
+    assert overlay != gc.REPO and os.path.isfile(os.path.join(overlay, "vit_fast", "kernels", "__init__.py"))
+    assert all(cwd == overlay and e["PYTHONPATH"].split(os.pathsep)[0] == overlay for _, _, e, cwd in later)

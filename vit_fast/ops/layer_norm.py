@@ -312,7 +312,7 @@ def _fp8_bad() -> list:
             *_bad()[3:]]
 
 
-_FP8_LAYOUTS = ("contiguous", "cols_sliced", "params_strided", "transposed")
+_FP8_LAYOUTS = ("contiguous", "rows_sliced", "cols_sliced", "params_strided", "transposed")
 
 
 def _fp8_strategy(budget: str):

@@ -52,17 +52,18 @@ def _fake(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- cases ------------------------------------------------------------------------------------------------------
 
-LAYOUTS = ("contiguous", "cols_sliced", "transposed")
+LAYOUTS = ("contiguous", "rows_sliced", "cols_sliced", "transposed")
 
 
 def _leaves(dims: Mapping, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Rows of different magnitudes (so each row gets a scale of its own), in a row layout's storage."""
     m, c = int(dims["M"]), int(dims["C"])
     x = row_leaf(g, dims.get("layout", "contiguous"), 1, m, c)
-    magnitudes = torch.logspace(-1, 1, max(m, 1), dtype=x.dtype, device=x.device)[:m]
-    shape = [1] * x.dim()
     row_dim = 2 if dims.get("layout") == "transposed" else 1
-    shape[row_dim] = m
+    rows = x.shape[row_dim]  # the storage's: 2M for every other row
+    magnitudes = torch.logspace(-1, 1, max(rows, 1), dtype=x.dtype, device=x.device)[:rows]
+    shape = [1] * x.dim()
+    shape[row_dim] = rows
     return {"x": x * magnitudes.view(shape)}
 
 

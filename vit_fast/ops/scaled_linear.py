@@ -234,7 +234,11 @@ CASES = Cases(
     leaves=_leaves, view=_view, oracle=_oracle, reduction=lambda dims: int(dims["K"]),
     small={"M": 5, "K": 32, "N": 16}, empty=({"M": 0, "K": 32, "N": 16},), layouts=("contiguous", "strided"),
     nan=(("x", _nan),), bad=_bad, strategy=_strategy, close=close_gemm,
-    examples=((torch.float32, {"M": 5, "K": 64, "N": 16, "G": 4}), (torch.bfloat16, {"M": 0, "K": 32, "N": 16})),
+    # past one 32-row interpreter tile in M and N, five scale groups, every output dtype: in every default run
+    examples=((torch.float32, {"M": 5, "K": 64, "N": 16, "G": 4}), (torch.bfloat16, {"M": 0, "K": 32, "N": 16}),
+              (torch.float32, {"M": 70, "K": 240, "N": 70, "G": 5, "layout": "strided", "bias": True}),
+              (torch.float16, {"M": 45, "K": 96, "N": 33, "G": 2, "bias": True}),
+              (torch.bfloat16, {"M": 33, "K": 48, "N": 65, "G": 3, "layout": "strided"})),
 )
 
 
