@@ -45,3 +45,20 @@ def test_kernels_are_installed_under_the_vit_fast_namespace():
     # check in .ci/run), and conftest takes the source root off sys.path (python -m pytest from the root)
     spec = importlib.util.find_spec("kernels")
     assert spec is None or spec.origin != vit_fast.kernels.__file__
+
+
+def test_a_user_error_from_a_key_error_prints_its_message_unquoted(monkeypatch, capsys):
+    """str() of a KeyError is the repr of its argument; the line a user reads is the message itself."""
+    import argparse
+    import types
+
+    from vit_fast import cli
+
+    command = next(c for c in cli.COMMANDS if KeyError in c.errors)
+
+    def fails(args):
+        raise KeyError("checkpoint lacks blocks.0.attn.qkv.weight")
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: types.SimpleNamespace(**{command.run: fails}))
+    assert cli._runner(command)(argparse.Namespace()) == command.status
+    assert capsys.readouterr().err == f"vit-fast {command.name}: error: checkpoint lacks blocks.0.attn.qkv.weight\n"

@@ -113,7 +113,9 @@ def _runner(command: Command):
         try:
             return getattr(importlib.import_module(command.module), command.run)(args)
         except command.errors as e:
-            print(f"vit-fast {command.name}: error: {e}", file=sys.stderr)
+            # str() of a KeyError is its key's repr, quoted: the message is its argument
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"vit-fast {command.name}: error: {message}", file=sys.stderr)
             return command.status
         except OSError as e:
             line = describe_write_failure(e)

@@ -36,8 +36,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"vit-fast train: rank {env_rank()} {p}; continue with --resume", file=sys.stderr)
         return exit_status(under_torchrun())
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-        if env_rank() == 0:
-            print(f"vit-fast train: error: {e}", file=sys.stderr)
+        if env_rank() == 0:  # a KeyError's str() is quoted: its argument is the message
+            print(f"vit-fast train: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     except OSError as e:
         line = describe_write_failure(e)
