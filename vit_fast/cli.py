@@ -104,6 +104,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_message(e: Exception) -> str:
+    """The line a user reads for a user error: str() of a KeyError is its argument's repr, quoted."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _runner(command: Command):
     """``command``'s run, with its user errors and, for every subcommand alike, a full disk or an I/O error
     while writing (:mod:`vit_fast.fileio`) each ending in one line on stderr and a status, not a traceback."""
@@ -113,9 +118,7 @@ def _runner(command: Command):
         try:
             return getattr(importlib.import_module(command.module), command.run)(args)
         except command.errors as e:
-            # str() of a KeyError is its key's repr, quoted: the message is its argument
-            message = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"vit-fast {command.name}: error: {message}", file=sys.stderr)
+            print(f"vit-fast {command.name}: error: {error_message(e)}", file=sys.stderr)
             return command.status
         except OSError as e:
             line = describe_write_failure(e)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from vit_fast.cli import error_message
 from vit_fast.fileio import EXIT_WRITE_FAILED, describe_write_failure
 from vit_fast.train.distributed import env_rank, setup_distributed, teardown_distributed, under_torchrun
 from vit_fast.train.preemption import Preempted, StopSignals, exit_status
@@ -36,8 +37,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"vit-fast train: rank {env_rank()} {p}; continue with --resume", file=sys.stderr)
         return exit_status(under_torchrun())
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-        if env_rank() == 0:  # a KeyError's str() is quoted: its argument is the message
-            print(f"vit-fast train: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        if env_rank() == 0:
+            print(f"vit-fast train: error: {error_message(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         line = describe_write_failure(e)
