@@ -7,7 +7,8 @@ can swap places. Here every round times each contender in turn (a fresh random o
 and keeps the median; a contender's figure is the median of its round medians, and its ratio to the baseline is the
 median of the per-round ratios, with their range, so drift moves both sides of each ratio alike. Each contender's
 output is compared with fp32 eager first (relative error, top-1 agreement). The PyTorch contenders are built by the
-CPU path search's own builders, so they get the same input casts and compile settings as the pick. Results go to
+CPU path search's own builders, so they get the same input casts and compile settings as the pick, and the bf16
+compile also with PyTorch's default inductor settings (no C++ wrapper), the route users reach for. Results go to
 --out (results.json, report.md) with the CPU model and features, versions and the commit.
 
     python benchmarks/bench_cpu_pick.py --model vit_small_patch16_224 --batch-size 8 --threads 2
@@ -60,12 +61,16 @@ def _contenders(name: str, batch: int):
                 os.environ.pop("XDG_CACHE_HOME")
             else:
                 os.environ["XDG_CACHE_HOME"] = old
+    import torch
+
     builders = {c.name: c.build for c in cpu_paths.candidates()}
+    default_compile = cpu_paths.compiled_build(torch.bfloat16, cpp_wrapper=False)
     # PyTorch's bf16 ways run on every CPU, native bf16 or not: where bf16 is emulated, the rows show what it costs
     out = [("vit_fast:optimized", predictor), ("pytorch:eager", builders["fp32"](theirs, None)),
            ("pytorch:compiled:freezing", builders["compiled:fp32"](theirs, None)),
            ("pytorch:eager:bf16", builders["bf16"](theirs, None)),
-           ("pytorch:compiled:freezing:bf16", builders["compiled:bf16"](theirs, None))]
+           ("pytorch:compiled:freezing:bf16", default_compile(theirs, None)),
+           ("pytorch:compiled:freezing+cpp_wrapper:bf16", builders["compiled:bf16"](theirs, None))]
     return out, theirs, predictor.explain(), search_s
 
 

@@ -1,6 +1,7 @@
 """The CPU rows of the model benchmark (inference): vit_fast's measured pick (the CPU path search of
 :mod:`vit_fast.cpu_paths` at the case's batch), PT2E int8 with and without bf16 autocast, and beside them the
-PyTorch ways (timm in bf16 eager, ``torch.compile`` with inductor freezing in fp32 and bf16) and the other CPU
+PyTorch ways (timm in bf16 eager, ``torch.compile`` with inductor freezing in fp32 and bf16, and in bf16 with
+the C++ wrapper the compiled candidates use) and the other CPU
 runtimes where installed (:mod:`vit_fast.bench.runtimes`: ONNX Runtime fp32 and int8, OpenVINO f32 and bf16).
 
 Each row is checked before it is timed against a yardstick of its own kind, by the one tolerance rule: bf16 rows
@@ -94,6 +95,10 @@ def cpu_providers(device: torch.device, *, quick: bool, allow_compile: bool, tim
            Provider("compiled:timm:freezing", "baseline", timm_copy, cpu_paths.inductor_freezing, compile=True,
                     skip=timm_skip or cskip, train_skip=INFERENCE_ONLY),
            Provider("compiled:timm:freezing:bf16", "baseline", timm_copy, cpu_paths.inductor_freezing, compile=True,
+                    skip=timm_skip or cskip or no_bf16, train_skip=INFERENCE_ONLY, dtype=bf16),
+           # the compiled candidates' own settings on timm's model: PyTorch's strongest route measured here
+           Provider("compiled:timm:freezing+cpp_wrapper:bf16", "baseline", timm_copy,
+                    functools.partial(cpu_paths.inductor_freezing, cpp_wrapper=True), compile=True,
                     skip=timm_skip or cskip or no_bf16, train_skip=INFERENCE_ONLY, dtype=bf16)]
     return out + runtimes.providers(quick=quick, no_bf16=no_bf16, timm_copy=timm_copy, timm_skip=timm_skip)
 

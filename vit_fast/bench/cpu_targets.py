@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 PYTORCH_ROWS = ("timm:eager", "timm:eager:bf16", "compiled:timm", "compiled:timm:freezing",
-                "compiled:timm:freezing:bf16")
+                "compiled:timm:freezing:bf16", "compiled:timm:freezing+cpp_wrapper:bf16")
 INT8_ROWS = ("vit_fast:int8", "vit_fast:pt2e:int8", "vit_fast:pt2e:int8+bf16")
 
 
