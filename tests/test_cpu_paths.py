@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -114,11 +115,15 @@ class Clock:
     and the search's timer reads that instead of the wall clock."""
 
     def __init__(self, monkeypatch) -> None:
-        self.cost = 0.0
+        self.cost, self.timing = 0.0, False
         monkeypatch.setattr(cpu_paths, "_median_ms", self.median_ms)
 
     def median_ms(self, fn) -> float:
-        fn()
+        self.timing = True
+        try:
+            fn()
+        finally:
+            self.timing = False
         return self.cost
 
     def costing(self, ms: float, fn):
@@ -173,6 +178,34 @@ def test_search_picks_the_fastest_verified_candidate_and_says_why_the_others_los
         torch.testing.assert_close(runners[4](x), model(x))
     assert json.loads(json.dumps(pick.to_json())) == pick.to_json()
     assert cpu_paths.CpuPick.from_json(pick.to_json(), "x").picks == pick.picks
+
+
+def test_a_run_off_undoes_a_slow_spell(monkeypatch):
+    """A candidate first timed during a slow spell of the machine (1.4 against fast's 1.0) but faster in fact (0.8)
+    wins the interleaved run-off; one more than RUNOFF times slower than the fastest is not timed again."""
+    fake_cpu(monkeypatch, AVX2)
+    clock = Clock(monkeypatch)
+    timed = {"spell": 0, "slow": 0}
+
+    def counted(name: str, cost: Callable[[int], float]) -> Callable:
+        def build(model, calibration):
+            def run(x):
+                timed[name] += clock.timing
+                clock.cost = cost(timed[name])
+                return model(x)
+
+            return Runner(run, torch.float32)
+
+        return build
+
+    cands = fake_candidates(clock)[:2] + [
+        Candidate("spell", "timed in a slow spell", counted("spell", lambda n: 1.4 if n <= 2 else 0.8)),
+        Candidate("slow", "2x slower than fast", counted("slow", lambda n: 2.0))]
+    pick, runners = cpu_paths.search(tiny(), (1, 4), cands=cands)
+    assert pick.picks == {1: "spell", 4: "spell"} and pick.trial("spell").ms == {1: 0.8, 4: 0.8}
+    assert timed == {"spell": 2 + 2 * cpu_paths._RUNOFF_ROUNDS, "slow": 2} and pick.trial("slow").ms[4] == 2.0
+    assert pick.ranking(4) == ["spell", "fast", "slow", "fp32"] and "interleaved rounds" in pick.how
+    assert runners[1] is runners[4]  # the one built runner of the pick serves both batch sizes
 
 
 def test_no_path_but_fp32_meets_the_budget(monkeypatch):
