@@ -118,7 +118,7 @@ class Clock:
         self.cost, self.timing = 0.0, False
         monkeypatch.setattr(cpu_paths, "_median_ms", self.median_ms)
 
-    def median_ms(self, fn) -> float:
+    def median_ms(self, fn, **timer) -> float:
         self.timing = True
         try:
             fn()

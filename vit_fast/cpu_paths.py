@@ -13,13 +13,13 @@ The candidates (:func:`candidates`), each built on its own copy of the model, ne
   compiled by inductor to oneDNN int8 kernels (AMX or VNNI where the CPU has them), the second under bf16
   autocast (:mod:`vit_fast.pt2e`); they need the ``cpu`` extra (torchao).
 
-The search (:func:`search`) checks each candidate against fp32 on the model's own input size (relative error
-and top-1 agreement within an :class:`AccuracyBudget`), times it at each requested batch size, times those within
+The search (:func:`search`) checks each candidate against fp32 on the model's own input size (relative error and
+top-1 agreement within an :class:`AccuracyBudget`), times it at each requested batch size, times those within
 ``RUNOFF`` of the fastest again in interleaved rounds (a slow spell of a shared machine during one candidate's
-timing must not decide), and picks the fastest per batch size. The patch embedding of a vit_fast model never reaches oneDNN's bf16 convolution (wrong
-on AMX for some patch grids, torch 2.14): in 16 bits on CPU it is a GEMM on the flattened patches
-(``vit_fast.ops.patch_embed``), eager and compiled alike, and the check would catch it if it did. A candidate
-that cannot be built or compiled is reported and skipped, never raised. The search is bounded
+timing must not decide), and picks the fastest per batch size. The patch embedding of a vit_fast model never reaches
+oneDNN's bf16 convolution (wrong on AMX for some patch grids, torch 2.14): in 16 bits on CPU it is a GEMM on the
+flattened patches (``vit_fast.ops.patch_embed``), eager and compiled alike, and the check would catch it if it did.
+A candidate that cannot be built or compiled is reported and skipped, never raised. The search is bounded
 (``budget_s``); what it did not reach is reported as not measured.
 
 The result (:class:`CpuPick`) is cached per model config, CPU model and flags, thread count, batch sizes, accuracy
@@ -53,7 +53,7 @@ from vit_fast import policy
 from vit_fast.fileio import atomic_write
 
 SCHEMA = "vit_fast.cpu_pick/1"
-DEFAULT_BUDGET_S = 120.0
+DEFAULT_BUDGET_S = 90.0  # a start deadline: with the last candidate and the run-off, ~2.5 min for ViT-S on 2 AMX cores
 TIE = 0.02  # a later candidate displaces the pick only when faster by more than this (the timing's noise)
 RUNOFF, _RUNOFF_ROUNDS = 1.5, 5  # who is timed again, interleaved, before the pick (a slow spell can cost 40 %)
 _MIN_REPS, _MAX_REPS, _MIN_TIME_S = 3, 10, 0.3
@@ -313,11 +313,12 @@ def run_chunked(runner: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
     return torch.cat(outs)
 
 
-def _median_ms(fn: Callable[[], object]) -> float:
-    fn()  # warm: caches, allocator
+def _median_ms(fn: Callable[[], object], *, warm: bool = True, min_time_s: float = _MIN_TIME_S) -> float:
+    if warm:
+        fn()  # caches, allocator
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < _MAX_REPS and (len(times) < _MIN_REPS or time.perf_counter() - start < _MIN_TIME_S):
+    while len(times) < _MAX_REPS and (len(times) < _MIN_REPS or time.perf_counter() - start < min_time_s):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -377,9 +378,9 @@ def _time_buckets(runner: Runner, trial: Trial, inputs: _Inputs, buckets: Sequen
 
 def _run_off(trials: list[Trial], built: dict[int, Runner], inputs: _Inputs, buckets: Sequence[int]) -> None:
     """Per batch size, time the candidates within RUNOFF of the fastest again, in interleaved rounds (a fresh order
-    each): the machine's speed drifts by 10 % or more within a minute on a shared host, and a candidate timed
-    during a slow spell would otherwise lose to a slower one. Each one's time becomes the median of its rounds; one
-    that fails here is out."""
+    each; every runner is warm by now, so a round is its median of _MIN_REPS calls): the machine's speed drifts by
+    10 % or more within a minute on a shared host, and a candidate timed during a slow spell would otherwise lose to
+    a slower one. Each one's time becomes the median of its rounds; one that fails here is out."""
     rng = random.Random(0)
     for b in buckets:
         timed = [i for i in built if trials[i].status == "ok" and b in trials[i].ms]
@@ -392,7 +393,7 @@ def _run_off(trials: list[Trial], built: dict[int, Runner], inputs: _Inputs, buc
             rng.shuffle(close)
             for i in [i for i in close if trials[i].status == "ok"]:
                 try:
-                    rounds[i].append(_median_ms(lambda i=i, b=b: built[i](inputs.timing[b])))
+                    rounds[i].append(_median_ms(lambda i=i, b=b: built[i](inputs.timing[b]), warm=False, min_time_s=0))
                 except Exception as e:  # noqa: BLE001 - reported like a failure in the first timing
                     trials[i].status, trials[i].reason, trials[i].ms = "failed", f"at batch {b}: {_first_line(e)}", {}
         for i, times in rounds.items():

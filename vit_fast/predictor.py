@@ -180,8 +180,8 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
         calibration: a few batches of real images (B, C, H, W): the PT2E int8 path takes its static activation
             scales from them (without them, dynamic ones), and every path is checked on them instead of on
             random images.
-        search_budget_s: the search stops starting candidates after this long (about 2 minutes for ViT-S on 2
-            cores with every candidate); what it did not reach is reported.
+        search_budget_s: the search stops starting candidates after this long (the whole search takes about 2.5
+            minutes for ViT-S on 2 cores); what it did not reach is reported.
         cache: read and write the measured pick (``$XDG_CACHE_HOME/vit_fast/cpu_paths/``), keyed by model config,
             CPU model and flags, threads, batch sizes, accuracy budget and versions.
         verbose: print the pick in one line (and why bf16 is not tried on a CPU without it).
