@@ -53,7 +53,7 @@ from vit_fast import policy
 from vit_fast.fileio import atomic_write
 
 SCHEMA = "vit_fast.cpu_pick/1"
-DEFAULT_BUDGET_S = 90.0  # a start deadline: with the last candidate and the run-off, ~2.5 min for ViT-S on 2 AMX cores
+DEFAULT_BUDGET_S = 90.0  # a start deadline: with the last candidate and the run-off, ~3 min for ViT-S on 2 AMX cores
 TIE = 0.02  # a later candidate displaces the pick only when faster by more than this (the timing's noise)
 RUNOFF, _RUNOFF_ROUNDS = 1.5, 5  # who is timed again, interleaved, before the pick (a slow spell can cost 40 %)
 _MIN_REPS, _MAX_REPS, _MIN_TIME_S = 3, 10, 0.3

@@ -180,7 +180,7 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
         calibration: a few batches of real images (B, C, H, W): the PT2E int8 path takes its static activation
             scales from them (without them, dynamic ones), and every path is checked on them instead of on
             random images.
-        search_budget_s: the search stops starting candidates after this long (the whole search takes about 2.5
+        search_budget_s: the search stops starting candidates after this long (the whole search takes about 3
             minutes for ViT-S on 2 cores); what it did not reach is reported.
         cache: read and write the measured pick (``$XDG_CACHE_HOME/vit_fast/cpu_paths/``), keyed by model config,
             CPU model and flags, threads, batch sizes, accuracy budget and versions.
