@@ -134,6 +134,7 @@ def test_the_bf16_peak_is_measured_where_the_cpu_has_native_bf16(monkeypatch, fe
     if not features.native_bf16:  # asked for, but a minutes-long emulated matmul: skipped with the reason
         assert "bfloat16" not in asked["matmul_tflops"] and "no native bf16" in asked["peaks_skipped"]["bfloat16"]
     assert peaks.peak_key({"provider": "vit_fast:pt2e:int8+bf16", "dtype": "float32"}) == "int8"
+    assert peaks.peak_key({"provider": "openvino:bf16", "dtype": "float32"}) == "bfloat16"  # fp32 in, bf16 inside
     assert peaks.peak_key({"provider": "vit_fast:optimized", "dtype": "float32", "peak_key": "bfloat16"}) == "bfloat16"
 
 

@@ -71,13 +71,13 @@ def _conv_peak(timer: Timer, dtype: torch.dtype) -> float:
 def peak_key(row: dict) -> str:
     """The ``matmul_tflops`` entry a row's FLOP/s is a fraction of: the row's own ``peak_key`` where it sets one
     (the CPU path search's row: its pick's), else its quantization format (int8 PT2E under bf16 autocast runs its
-    GEMMs in int8), else its dtype."""
+    GEMMs in int8), else a bf16 the provider names (OpenVINO's bf16 hint takes fp32 inputs), else its dtype."""
     if row.get("peak_key"):
         return row["peak_key"]
     fmt = str(row.get("provider", "")).rpartition(":")[2]
     if fmt.startswith("int8"):
         return "int8"
-    return fmt if fmt == "fp8" else row["dtype"]
+    return {"fp8": "fp8", "bf16": "bfloat16"}.get(fmt, row["dtype"])
 
 
 def _quantized_peaks(device: torch.device, timer: Timer, n: int, features: object | None) -> dict[str, float]:
