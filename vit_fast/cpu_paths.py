@@ -42,7 +42,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -376,6 +376,13 @@ def _time_buckets(runner: Runner, trial: Trial, inputs: _Inputs, buckets: Sequen
     return True
 
 
+def _close_to_fastest(trials: list[Trial], indices: Iterable[int], b: int) -> list[int]:
+    """The verified candidates among ``indices`` timed at batch ``b`` within RUNOFF of the fastest of them."""
+    timed = [i for i in indices if trials[i].status == "ok" and b in trials[i].ms]
+    fastest = min((trials[i].ms[b] for i in timed), default=math.inf)
+    return [i for i in timed if trials[i].ms[b] <= fastest * RUNOFF]
+
+
 def _run_off(trials: list[Trial], built: dict[int, Runner], inputs: _Inputs, buckets: Sequence[int]) -> None:
     """Per batch size, time the candidates within RUNOFF of the fastest again, in interleaved rounds (a fresh order
     each; every runner is warm by now, so a round is its median of _MIN_REPS calls): the machine's speed drifts by
@@ -383,21 +390,21 @@ def _run_off(trials: list[Trial], built: dict[int, Runner], inputs: _Inputs, buc
     a slower one. Each one's time becomes the median of its rounds; one that fails here is out."""
     rng = random.Random(0)
     for b in buckets:
-        timed = [i for i in built if trials[i].status == "ok" and b in trials[i].ms]
-        if len(timed) < 2:
+        close = _close_to_fastest(trials, built, b)
+        if len(close) < 2:
             continue
-        fastest = min(trials[i].ms[b] for i in timed)
-        close = [i for i in timed if trials[i].ms[b] <= fastest * RUNOFF]
         rounds: dict[int, list[float]] = {i: [] for i in close}
-        for _ in range(_RUNOFF_ROUNDS if len(close) > 1 else 0):
+        for _ in range(_RUNOFF_ROUNDS):
             rng.shuffle(close)
-            for i in [i for i in close if trials[i].status == "ok"]:
+            for i in close:
+                if trials[i].status != "ok":
+                    continue
                 try:
                     rounds[i].append(_median_ms(lambda i=i, b=b: built[i](inputs.timing[b]), warm=False, min_time_s=0))
                 except Exception as e:  # noqa: BLE001 - reported like a failure in the first timing
                     trials[i].status, trials[i].reason, trials[i].ms = "failed", f"at batch {b}: {_first_line(e)}", {}
         for i, times in rounds.items():
-            if trials[i].status == "ok" and times:
+            if trials[i].status == "ok":
                 trials[i].ms[b] = statistics.median(times)
     for i in [i for i in built if trials[i].status != "ok"]:
         del built[i]
@@ -437,9 +444,9 @@ def search(model: nn.Module, batch_sizes: Sequence[int], *, accuracy: AccuracyBu
                 continue
         if _time_buckets(runner, trial, inputs, buckets, None if trial is trials[0] else start + budget_s):
             built[len(trials) - 1] = runner  # only a candidate that ran at every size it was timed at competes
-            fastest = {b: min((trials[i].ms[b] for i in built if b in trials[i].ms), default=math.inf) for b in buckets}
-            built = {i: r for i, r in built.items()  # hold on only to the runners a run-off may still pick
-                     if i == 0 or any(ms <= fastest[b] * RUNOFF for b, ms in trials[i].ms.items())}
+            # hold on only to the runners a run-off may still pick, and fp32's: the pick if every other one fails
+            keep = {0}.union(*(_close_to_fastest(trials, built, b) for b in buckets))
+            built = {i: r for i, r in built.items() if i in keep}
     _run_off(trials, built, inputs, buckets)
     best = {}
     for b in buckets:
